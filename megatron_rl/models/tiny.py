@@ -1,0 +1,103 @@
+"""Tiny HF models with random weights, built locally (never downloaded).
+
+Families: ``llama`` (GQA, untied by default), ``qwen2`` (qkv bias) and ``qwen3``
+(qk-norm, explicit head_dim != hidden/heads). Each can be tied or untied. Sizes allow
+TP up to 4 and GQA with fewer kv heads than query heads; the vocab (250) is not a
+multiple of 64 or 128, so vocab padding is exercised on both Megatron and vLLM sides.
+The weights are deterministic given ``seed``.
+
+Usage::
+
+    path = make_tiny_model("runs/tiny-llama", family="llama", tied=False, seed=0)
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import string
+import tempfile
+
+# Shape of every family; (heads, kv_heads, head_dim) chosen for TP<=4 on Megatron, and
+# kv_heads=2 in qwen2 so that vLLM TP4 replicates kv heads.
+FAMILIES = {
+    "llama": dict(arch="LlamaForCausalLM", model_type="llama", num_key_value_heads=4, head_dim=8, tied=False),
+    "qwen2": dict(arch="Qwen2ForCausalLM", model_type="qwen2", num_key_value_heads=2, head_dim=8, tied=True),
+    "qwen3": dict(arch="Qwen3ForCausalLM", model_type="qwen3", num_key_value_heads=4, head_dim=16, tied=False),
+}
+TINY_SHAPE = dict(hidden_size=64, num_attention_heads=8, intermediate_size=128, num_hidden_layers=4,
+                  vocab_size=250, max_position_embeddings=512)
+
+PAD, BOS, EOS = "<pad>", "<s>", "</s>"
+
+
+def build_tokenizer():
+    """A character-level tokenizer over printable ASCII, built offline with ``tokenizers``."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [c for c in string.printable if c not in "\t\n\r\x0b\x0c"]
+    vocab = {PAD: 0, BOS: 1, EOS: 2}
+    for c in chars:
+        vocab[c] = len(vocab)
+    vocab["<unk>"] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
+                                   unk_token="<unk>", model_max_length=TINY_SHAPE["max_position_embeddings"])
+
+
+def tiny_hf_config(family: str, *, tied: bool | None = None, **overrides):
+    """The transformers config of a tiny model of ``family``."""
+    from transformers import AutoConfig
+
+    if family not in FAMILIES:
+        raise ValueError(f"unknown tiny-model family {family!r}; choose one of {sorted(FAMILIES)}")
+    spec = dict(FAMILIES[family])
+    shape = dict(TINY_SHAPE)
+    shape.update(overrides)
+    tie = spec["tied"] if tied is None else tied
+    kw = dict(shape, num_key_value_heads=spec["num_key_value_heads"], head_dim=spec["head_dim"],
+              tie_word_embeddings=tie, rms_norm_eps=1e-6, rope_theta=10000.0, hidden_act="silu",
+              bos_token_id=1, eos_token_id=2, pad_token_id=0, torch_dtype="float32")
+    if family == "llama":
+        kw.update(attention_bias=False, mlp_bias=False)
+    if family == "qwen3":
+        kw.update(attention_bias=False)
+    cfg = AutoConfig.for_model(spec["model_type"], **kw)
+    cfg.architectures = [spec["arch"]]
+    return cfg
+
+
+def make_tiny_model(out_dir: str, *, family: str = "llama", tied: bool | None = None, seed: int = 0,
+                    **overrides) -> str:
+    """Build a tiny random model and its tokenizer, saved with ``save_pretrained`` into ``out_dir``.
+
+    The directory is written under a temporary name and renamed, so a crash never leaves
+    a half-written model. Returns ``out_dir``.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_hf_config(family, tied=tied, **overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        # Random norms (not all-ones) and biases, so that a layout bug cannot hide behind symmetry.
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            elif name.endswith(".bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+    parent = os.path.dirname(os.path.abspath(out_dir)) or "."
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tiny-", dir=parent)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        build_tokenizer().save_pretrained(tmp)
+        if os.path.exists(out_dir):
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir

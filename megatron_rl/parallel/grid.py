@@ -1,0 +1,81 @@
+"""The rank grid: one pure description of where every rank sits, for both frameworks.
+
+Training (megatron-core) lays ranks out in its default order ``tp-cp-ep-dp-pp`` (tp
+fastest): ``rank = tp + TP*(cp + CP*(dp + DP*pp))`` (ep = 1). Rollout (vLLM with
+``external_launcher``) lays ranks out as ``replica x tp`` (tp fastest): ``rank = r*t_v + tp``.
+Nothing here touches a process group, so the layout algebra and the planner can use it.
+
+Usage::
+
+    grid = RankGrid(world_size=4, tp=2, pp=2)
+    grid.coords(3)            # TrainCoord(tp=1, cp=0, dp=0, pp=1)
+    grid.rollout_coords(3, rollout_tp=2)   # (replica=1, tp=1)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class LayoutError(ValueError):
+    """An impossible parallel layout. The message names the field and the fix."""
+
+
+@dataclass(frozen=True)
+class TrainCoord:
+    tp: int
+    cp: int
+    dp: int
+    pp: int
+
+
+@dataclass(frozen=True)
+class RankGrid:
+    """Training degrees over a world; ``dp`` is derived. Validates on construction."""
+
+    world_size: int
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+
+    def __post_init__(self):
+        for name in ("world_size", "tp", "pp", "cp"):
+            if getattr(self, name) < 1:
+                raise LayoutError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
+        mp = self.tp * self.pp * self.cp
+        if self.world_size % mp:
+            raise LayoutError(
+                f"parallel.tp*pp*cp = {self.tp}*{self.pp}*{self.cp} = {mp} does not divide the world size "
+                f"{self.world_size}; fix: choose degrees whose product divides the number of launched ranks")
+
+    @property
+    def dp(self) -> int:
+        return self.world_size // (self.tp * self.pp * self.cp)
+
+    def coords(self, rank: int) -> TrainCoord:
+        tp = rank % self.tp
+        cp = (rank // self.tp) % self.cp
+        dp = (rank // (self.tp * self.cp)) % self.dp
+        pp = rank // (self.tp * self.cp * self.dp)
+        return TrainCoord(tp=tp, cp=cp, dp=dp, pp=pp)
+
+    def rank(self, *, tp: int = 0, cp: int = 0, dp: int = 0, pp: int = 0) -> int:
+        return tp + self.tp * (cp + self.cp * (dp + self.dp * pp))
+
+    def ranks_with(self, *, tp: int, pp: int) -> list[int]:
+        """All ranks holding the same (tp, pp) weight shard: the DP x CP replicas of it."""
+        return [self.rank(tp=tp, cp=c, dp=d, pp=pp) for d in range(self.dp) for c in range(self.cp)]
+
+    # -- rollout side ---------------------------------------------------------------------------
+
+    def check_rollout_tp(self, rollout_tp: int) -> None:
+        if rollout_tp < 1 or self.world_size % rollout_tp:
+            raise LayoutError(f"rollout.tp={rollout_tp} does not divide the world size {self.world_size}; "
+                              "fix: choose a rollout.tp that divides the world (replicas fill the rest)")
+
+    def rollout_coords(self, rank: int, *, rollout_tp: int) -> tuple[int, int]:
+        """(replica, tp_rank) of ``rank`` in vLLM's external-launcher layout."""
+        self.check_rollout_tp(rollout_tp)
+        return rank // rollout_tp, rank % rollout_tp
+
+    def rollout_ranks(self, replica: int, *, rollout_tp: int) -> list[int]:
+        return [replica * rollout_tp + t for t in range(rollout_tp)]

@@ -1,0 +1,331 @@
+"""The layout algebra: which region of which canonical tensor every local tensor holds.
+
+A *canonical* tensor is an unsharded HF tensor (``model.layers.3.self_attn.q_proj.weight``).
+A framework rank holds *local* tensors (``decoder.layers.1.self_attention.linear_qkv.weight``).
+A :class:`LocalTensor` is split along one dimension ``dim`` into :class:`Block` s; each block
+is a run of ``length`` slices along ``dim`` that equals the run starting at ``canon_start`` of
+the canonical tensor ``canon`` (every other dimension is taken whole). Slices that no block
+covers are padding and hold zeros (vocab padding).
+
+One description serves checkpoint conversion, offline resharding and live weight sync:
+a :class:`Layout` maps each rank to its local tensors; the planner matches two layouts.
+The QKV split is written once (:func:`qkv_blocks`), parameterised by head counts, and
+serves Megatron's per-group interleave and vLLM's ``[Q_r | K_r | V_r]`` with kv replication.
+
+Usage::
+
+    shape = ModelShape.from_hf_config(hf_config)
+    lay = megatron_layout(shape, RankGrid(world_size=4, tp=2, pp=2))
+    for name, lt in lay.ranks[3].items():
+        local = assemble(lt, read=lambda canon, dim, start, n: hf[canon].narrow(dim, start, n))
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Optional
+
+from megatron_rl.parallel.grid import LayoutError, RankGrid
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The few numbers that decide every layout (no framework objects)."""
+
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    ffn: int
+    layers: int
+    vocab: int
+    tied: bool = False
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    arch: str = "LlamaForCausalLM"
+
+    @staticmethod
+    def from_hf_config(cfg) -> "ModelShape":
+        arch = (getattr(cfg, "architectures", None) or [""])[0]
+        if arch not in SUPPORTED_ARCHS:
+            raise LayoutError(f"model architecture {arch!r} is not supported; fix: use one of {sorted(SUPPORTED_ARCHS)}")
+        heads = cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        qkv_bias = bool(getattr(cfg, "attention_bias", False)) or arch == "Qwen2ForCausalLM"
+        return ModelShape(hidden=cfg.hidden_size, heads=heads, kv_heads=getattr(cfg, "num_key_value_heads", heads),
+                          head_dim=head_dim, ffn=cfg.intermediate_size, layers=cfg.num_hidden_layers,
+                          vocab=cfg.vocab_size, tied=bool(getattr(cfg, "tie_word_embeddings", False)),
+                          qkv_bias=qkv_bias, qk_norm=arch == "Qwen3ForCausalLM", arch=arch)
+
+    @property
+    def q_per_group(self) -> int:
+        return self.heads // self.kv_heads
+
+    def canonical_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor of the HF checkpoint, with its shape (``lm_head`` only when untied)."""
+        h, d = self.hidden, self.head_dim
+        out = {"model.embed_tokens.weight": (self.vocab, h), "model.norm.weight": (h,)}
+        if not self.tied:
+            out["lm_head.weight"] = (self.vocab, h)
+        for i in range(self.layers):
+            p = f"model.layers.{i}."
+            out[p + "input_layernorm.weight"] = (h,)
+            out[p + "post_attention_layernorm.weight"] = (h,)
+            for proj, rows in (("q", self.heads * d), ("k", self.kv_heads * d), ("v", self.kv_heads * d)):
+                out[f"{p}self_attn.{proj}_proj.weight"] = (rows, h)
+                if self.qkv_bias:
+                    out[f"{p}self_attn.{proj}_proj.bias"] = (rows,)
+            if self.qk_norm:
+                out[p + "self_attn.q_norm.weight"] = (d,)
+                out[p + "self_attn.k_norm.weight"] = (d,)
+            out[p + "self_attn.o_proj.weight"] = (h, self.heads * d)
+            out[p + "mlp.gate_proj.weight"] = (self.ffn, h)
+            out[p + "mlp.up_proj.weight"] = (self.ffn, h)
+            out[p + "mlp.down_proj.weight"] = (h, self.ffn)
+        return out
+
+
+SUPPORTED_ARCHS = {"LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"}
+
+
+@dataclass(frozen=True)
+class Block:
+    """``local[local_start : local_start+length]`` along ``dim`` == ``canon[canon_start : ...]``."""
+
+    local_start: int
+    length: int
+    canon: str
+    canon_start: int
+
+
+@dataclass(frozen=True)
+class LocalTensor:
+    name: str
+    shape: tuple[int, ...]
+    dim: int
+    blocks: tuple[Block, ...]
+
+    @property
+    def slice_numel(self) -> int:
+        """Elements in one slice along ``dim`` (the product of the other dimensions)."""
+        return math.prod(s for i, s in enumerate(self.shape) if i != self.dim)
+
+
+@dataclass
+class Layout:
+    """Per-rank local tensors of one framework, plus the canonical shapes they draw from."""
+
+    framework: str
+    canon_shapes: dict[str, tuple[int, ...]]
+    ranks: dict[int, dict[str, LocalTensor]] = field(default_factory=dict)
+
+    def local(self, rank: int) -> dict[str, LocalTensor]:
+        return self.ranks.get(rank, {})
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks, written once.
+
+
+def _coalesce(blocks: Iterable[Block]) -> tuple[Block, ...]:
+    """Merge blocks that continue each other both locally and canonically."""
+    out: list[Block] = []
+    for b in blocks:
+        if out and out[-1].canon == b.canon and out[-1].local_start + out[-1].length == b.local_start \
+                and out[-1].canon_start + out[-1].length == b.canon_start:
+            prev = out.pop()
+            b = Block(prev.local_start, prev.length + b.length, b.canon, prev.canon_start)
+        out.append(b)
+    return tuple(out)
+
+
+def qkv_blocks(prefix: str, suffix: str, shape: ModelShape, *, q_heads: range, kv_heads: list[int],
+               interleave: bool) -> tuple[tuple[Block, ...], int]:
+    """Blocks of a fused QKV tensor (``suffix`` is ``weight`` or ``bias``) and its local row count.
+
+    ``interleave=True`` is Megatron's layout: per query group ``g`` in ``kv_heads``, the
+    group's q heads, then k head g, then v head g. ``interleave=False`` is vLLM's: all of
+    ``q_heads``, then the k heads ``kv_heads``, then the v heads (kv heads may repeat a head
+    held by another rank: replication). ``prefix`` is ``model.layers.{i}.self_attn.``.
+    """
+    d, qpg = shape.head_dim, shape.q_per_group
+    q, k, v = (f"{prefix}{p}_proj.{suffix}" for p in ("q", "k", "v"))
+    blocks, row = [], 0
+
+    def put(canon, head):
+        nonlocal row
+        blocks.append(Block(row, d, canon, head * d))
+        row += d
+
+    if interleave:
+        for g in kv_heads:
+            for hq in range(g * qpg, (g + 1) * qpg):
+                put(q, hq)
+            put(k, g)
+            put(v, g)
+    else:
+        for hq in q_heads:
+            put(q, hq)
+        for g in kv_heads:
+            put(k, g)
+        for g in kv_heads:
+            put(v, g)
+    return _coalesce(blocks), row
+
+
+def split_blocks(canon: str, *, total: int, parts: int, index: int, local_offset: int = 0,
+                 valid: Optional[int] = None) -> tuple[Block, ...]:
+    """The ``index``-th of ``parts`` equal runs of a canonical dim of size ``total``.
+
+    ``valid`` (<= total) clips the run to the canonical extent: slices past it are padding.
+    """
+    if total % parts:
+        raise LayoutError(f"{canon}: size {total} is not divisible into {parts} shards")
+    n = total // parts
+    start = index * n
+    end = min(start + n, total if valid is None else valid)
+    if end <= start:
+        return ()
+    return (Block(local_offset, end - start, canon, start),)
+
+
+def replicated(name: str, canon: str, shape: tuple[int, ...]) -> LocalTensor:
+    return LocalTensor(name, tuple(shape), 0, (Block(0, shape[0], canon, 0),))
+
+
+def padded_vocab(vocab: int, *, divisible_by: int, tp: int) -> int:
+    """Megatron-side padded vocab: a multiple of lcm(divisible_by, tp).
+
+    Unlike Megatron-LM's ``divisible_by * tp``, the result does not change with TP when
+    ``divisible_by`` is a multiple of TP, so checkpoints reshard across TP unchanged.
+    """
+    m = math.lcm(divisible_by, tp)
+    return -(-vocab // m) * m
+
+
+def hf_layout(shape: ModelShape, *, rank: int = 0) -> Layout:
+    """The HF checkpoint as a layout: one rank holds every canonical tensor whole."""
+    canon = shape.canonical_shapes()
+    lay = Layout("hf", canon)
+    lay.ranks[rank] = {n: replicated(n, n, s) for n, s in canon.items()}
+    return lay
+
+
+# ---------------------------------------------------------------------------------------------
+# Megatron-core (local and Transformer Engine specs).
+
+MEGATRON_TE_NAMES = {
+    "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
+    "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
+}
+
+
+def megatron_layer_tensors(shape: ModelShape, *, tp: int, tp_rank: int, layer: int, local_layer: int,
+                           te_names: bool = False) -> dict[str, LocalTensor]:
+    """The local tensors of one transformer layer at ``tp_rank`` of ``tp``."""
+    h, d = shape.hidden, shape.head_dim
+    if shape.kv_heads % tp or shape.heads % tp:
+        raise LayoutError(f"parallel.tp={tp} does not divide num_query_groups={shape.kv_heads} "
+                          f"(heads={shape.heads}); fix: choose a tp that divides the kv heads")
+    if shape.ffn % tp:
+        raise LayoutError(f"parallel.tp={tp} does not divide intermediate_size={shape.ffn}; fix: choose another tp")
+    src = f"model.layers.{layer}."
+    dst = f"decoder.layers.{local_layer}."
+    ng = shape.kv_heads // tp
+    groups = list(range(tp_rank * ng, (tp_rank + 1) * ng))
+    out: dict[str, LocalTensor] = {}
+
+    def add(lt: LocalTensor):
+        out[lt.name] = lt
+
+    def norm_name(local: str) -> str:
+        return dst + (MEGATRON_TE_NAMES[local] if te_names and local in MEGATRON_TE_NAMES else local)
+
+    add(replicated(norm_name("input_layernorm.weight"), src + "input_layernorm.weight", (h,)))
+    add(replicated(norm_name("pre_mlp_layernorm.weight"), src + "post_attention_layernorm.weight", (h,)))
+    for suffix in ("weight", "bias") if shape.qkv_bias else ("weight",):
+        blocks, rows = qkv_blocks(src + "self_attn.", suffix, shape, q_heads=range(0), kv_heads=groups,
+                                  interleave=True)
+        add(LocalTensor(f"{dst}self_attention.linear_qkv.{suffix}", (rows, h) if suffix == "weight" else (rows,),
+                        0, blocks))
+    if shape.qk_norm:
+        add(replicated(dst + "self_attention.q_layernorm.weight", src + "self_attn.q_norm.weight", (d,)))
+        add(replicated(dst + "self_attention.k_layernorm.weight", src + "self_attn.k_norm.weight", (d,)))
+    qdim = shape.heads * d
+    add(LocalTensor(dst + "self_attention.linear_proj.weight", (h, qdim // tp), 1,
+                    split_blocks(src + "self_attn.o_proj.weight", total=qdim, parts=tp, index=tp_rank)))
+    f = shape.ffn // tp
+    fc1 = split_blocks(src + "mlp.gate_proj.weight", total=shape.ffn, parts=tp, index=tp_rank) + \
+        split_blocks(src + "mlp.up_proj.weight", total=shape.ffn, parts=tp, index=tp_rank, local_offset=f)
+    add(LocalTensor(dst + "mlp.linear_fc1.weight", (2 * f, h), 0, fc1))
+    add(LocalTensor(dst + "mlp.linear_fc2.weight", (h, f), 1,
+                    split_blocks(src + "mlp.down_proj.weight", total=shape.ffn, parts=tp, index=tp_rank)))
+    return out
+
+
+def megatron_rank_tensors(shape: ModelShape, *, tp: int, pp: int, tp_rank: int, pp_rank: int,
+                          vocab_divisible_by: int = 128, te_names: bool = False) -> dict[str, LocalTensor]:
+    """Every local tensor of one Megatron (tp_rank, pp_rank), named as ``GPTModel.named_parameters``."""
+    if shape.layers % pp:
+        raise LayoutError(f"parallel.pp={pp} does not divide num_hidden_layers={shape.layers}; "
+                          "fix: choose a pp that divides the layer count")
+    h = shape.hidden
+    vp = padded_vocab(shape.vocab, divisible_by=vocab_divisible_by, tp=tp)
+    per_stage = shape.layers // pp
+    out: dict[str, LocalTensor] = {}
+    vocab_blocks = split_blocks("model.embed_tokens.weight", total=vp, parts=tp, index=tp_rank, valid=shape.vocab)
+    if pp_rank == 0:
+        out["embedding.word_embeddings.weight"] = LocalTensor("embedding.word_embeddings.weight", (vp // tp, h), 0,
+                                                              vocab_blocks)
+    for j in range(per_stage):
+        out.update(megatron_layer_tensors(shape, tp=tp, tp_rank=tp_rank, layer=pp_rank * per_stage + j,
+                                          local_layer=j, te_names=te_names))
+    if pp_rank == pp - 1:
+        out["decoder.final_layernorm.weight"] = replicated("decoder.final_layernorm.weight", "model.norm.weight", (h,))
+        # Tied with PP=1: the output layer *is* the embedding (no separate parameter). Tied with
+        # PP>1: the last stage keeps its own copy of the embedding, which megatron keeps in sync.
+        if not shape.tied or pp > 1:
+            canon = "model.embed_tokens.weight" if shape.tied else "lm_head.weight"
+            blocks = tuple(Block(b.local_start, b.length, canon, b.canon_start) for b in vocab_blocks)
+            out["output_layer.weight"] = LocalTensor("output_layer.weight", (vp // tp, h), 0, blocks)
+    return out
+
+
+def megatron_layout(shape: ModelShape, grid: RankGrid, *, vocab_divisible_by: int = 128,
+                    te_names: bool = False) -> Layout:
+    """Megatron's layout over a whole world; DP and CP replicas hold identical tensors."""
+    lay = Layout("megatron", shape.canonical_shapes())
+    for rank in range(grid.world_size):
+        c = grid.coords(rank)
+        lay.ranks[rank] = megatron_rank_tensors(shape, tp=grid.tp, pp=grid.pp, tp_rank=c.tp, pp_rank=c.pp,
+                                                vocab_divisible_by=vocab_divisible_by, te_names=te_names)
+    return lay
+
+
+# ---------------------------------------------------------------------------------------------
+# Moving data through a layout.
+
+ReadFn = Callable[[str, int, int, int], "object"]  # (canon, dim, start, length) -> tensor run
+
+
+def assemble(lt: LocalTensor, read: ReadFn, *, dtype=None, device=None):
+    """Build the local tensor from canonical runs; padding slices are zero."""
+    import torch
+
+    out = None
+    for b in lt.blocks:
+        run = read(b.canon, lt.dim, b.canon_start, b.length)
+        if out is None:
+            out = torch.zeros(lt.shape, dtype=dtype or run.dtype, device=device or run.device)
+        out.narrow(lt.dim, b.local_start, b.length).copy_(run)
+    if out is None:
+        out = torch.zeros(lt.shape, dtype=dtype, device=device)
+    return out
+
+
+def disassemble(lt: LocalTensor, local, write: Callable[[str, int, int, object], None]) -> None:
+    """Hand every canonical run held by ``local`` to ``write(canon, dim, start, run)``."""
+    if tuple(local.shape) != tuple(lt.shape):
+        raise LayoutError(f"{lt.name}: local tensor has shape {tuple(local.shape)}, layout expects {lt.shape}")
+    for b in lt.blocks:
+        write(b.canon, lt.dim, b.canon_start, local.narrow(lt.dim, b.local_start, b.length))

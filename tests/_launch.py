@@ -1,0 +1,75 @@
+"""Helpers for multi-rank tests: build tiny models once, launch torchrun, collect results.
+
+A worker script (tests/workers/*.py) runs under torchrun, checks many cases in one launch,
+and writes one JSON per rank to ``$OUT_DIR/rank{r}.json``; the test asserts on those
+numbers in the parent process, so every failure message carries the figures.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODEL_CACHE = os.path.join(REPO, "runs", ".test-models")
+VARIANTS = {
+    "llama": ("llama", False), "llama-tied": ("llama", True),
+    "qwen2": ("qwen2", True), "qwen2-untied": ("qwen2", False),
+    "qwen3": ("qwen3", False), "qwen3-tied": ("qwen3", True),
+}
+
+
+def tiny_model_paths() -> dict:
+    sys.path.insert(0, REPO)
+    from megatron_rl.models.tiny import make_tiny_model
+
+    paths = {}
+    for name, (family, tied) in VARIANTS.items():
+        path = os.path.join(MODEL_CACHE, name)
+        if not os.path.isfile(os.path.join(path, "model.safetensors")):
+            make_tiny_model(path, family=family, tied=tied, seed=0)
+        paths[name] = path
+    return paths
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(script: str, *, nproc: int, out_dir: str, args=(), timeout: float = 600, env=None,
+             check: bool = True):
+    """Run ``script`` under torchrun with ``nproc`` local ranks; return (proc, [per-rank json]).
+
+    The whole launch is bounded by ``timeout`` seconds; nothing may hang.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    full_env = dict(os.environ)
+    full_env.update({"OUT_DIR": out_dir, "PYTHONPATH": REPO + os.pathsep + full_env.get("PYTHONPATH", ""),
+                     "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+                     "TORCHINDUCTOR_CACHE_DIR": full_env.get("TORCHINDUCTOR_CACHE_DIR",
+                                                             os.path.join(REPO, "runs", ".cache", "inductor")),
+                     "VLLM_CACHE_ROOT": full_env.get("VLLM_CACHE_ROOT", os.path.join(REPO, "runs", ".cache", "vllm")),
+                     "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+    full_env.update(env or {})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), script, *map(str, args)]
+    proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        tail = "\n".join((proc.stdout + "\n" + proc.stderr).splitlines()[-80:])
+        raise AssertionError(f"torchrun {os.path.basename(script)} x{nproc} exited {proc.returncode}:\n{tail}")
+    results = []
+    for r in range(nproc):
+        path = os.path.join(out_dir, f"rank{r}.json")
+        results.append(json.load(open(path)) if os.path.exists(path) else None)
+    return proc, results
+
+
+def write_result(obj) -> None:
+    """Called inside a worker: write this rank's JSON result to $OUT_DIR/rank{r}.json."""
+    rank = int(os.environ.get("RANK", "0"))
+    out = os.environ["OUT_DIR"]
+    with open(os.path.join(out, f"rank{rank}.json.tmp"), "w") as f:
+        json.dump(obj, f)
+    os.replace(os.path.join(out, f"rank{rank}.json.tmp"), os.path.join(out, f"rank{rank}.json"))

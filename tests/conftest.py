@@ -1,0 +1,40 @@
+"""Shared fixtures. Test tiers (markers): unit (pure CPU, no processes), multirank (real
+processes over gloo via torchrun), gpu (CUDA only; skipped here)."""
+import os
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, "tests"))
+
+
+def pytest_configure(config):
+    for name, doc in [("unit", "tier 1: pure CPU, no processes"),
+                      ("multirank", "tier 2: real processes over gloo"),
+                      ("gpu", "tier 3: needs CUDA"),
+                      ("slow", "takes more than ~30 s")]:
+        config.addinivalue_line("markers", f"{name}: {doc}")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="GPU-only test: no CUDA device on this machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_models():
+    """Paths of every tiny model variant, built once per test session (deterministic by seed).
+
+    Keys: "llama", "llama-tied", "qwen2" (tied), "qwen2-untied", "qwen3", "qwen3-tied".
+    """
+    from _launch import tiny_model_paths
+
+    return tiny_model_paths()
