@@ -9,6 +9,8 @@ The weights are deterministic given ``seed``.
 Usage::
 
     path = make_tiny_model("runs/tiny-llama", family="llama", tied=False, seed=0)
+
+Command line: ``megatron-rl make-tiny-model --family qwen2 --tied --out runs/tiny-qwen2``.
 """
 from __future__ import annotations
 
@@ -101,3 +103,22 @@ def make_tiny_model(out_dir: str, *, family: str = "llama", tied: bool | None = 
         if os.path.exists(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def main(argv=None):
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="megatron-rl make-tiny-model", description="Build a tiny random HF model, offline.")
+    ap.add_argument("--family", choices=sorted(FAMILIES), default="llama")
+    ap.add_argument("--out", required=True, help="output directory (written atomically)")
+    tie = ap.add_mutually_exclusive_group()
+    tie.add_argument("--tied", dest="tied", action="store_true", default=None, help="tie embeddings and lm_head")
+    tie.add_argument("--untied", dest="tied", action="store_false", help="separate lm_head")
+    ap.add_argument("--seed", type=int, default=0)
+    for key in ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads", "vocab_size"):
+        ap.add_argument("--" + key.replace("_", "-"), dest=key, type=int)
+    args = ap.parse_args(argv)
+    sizes = {k: getattr(args, k) for k in TINY_SHAPE if getattr(args, k, None) is not None}
+    path = make_tiny_model(args.out, family=args.family, tied=args.tied, seed=args.seed, **sizes)
+    print(f"wrote {args.family} model to {path}")
+    return 0
