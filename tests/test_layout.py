@@ -54,9 +54,9 @@ def test_vocab_padding_is_tp_independent_and_zero_filled():
     shape = ModelShape.from_hf_config(tiny_hf_config("llama"))
     lay = megatron_layout(shape, RankGrid(world_size=2, tp=2))
     emb = lay.ranks[1]["embedding.word_embeddings.weight"]
-    assert emb.shape == (128, 64) and emb.blocks[0].length == 250 - 128
-    local = assemble(emb, lambda c, d, s, n: torch.ones(n, 64))
-    assert local[122:].abs().sum() == 0 and local[:122].sum() == 122 * 64
+    assert emb.shape == (128, shape.hidden) and emb.blocks[0].length == 250 - 128
+    local = assemble(emb, lambda c, d, s, n: torch.ones(n, shape.hidden))
+    assert local[122:].abs().sum() == 0 and local[:122].sum() == 122 * shape.hidden
 
 
 def test_impossible_layouts_name_the_field():
