@@ -22,6 +22,7 @@ EXTRAS = {
     "gpu": ["vllm==0.33.0", "torch==2.14.1", "transformer-engine[pytorch]==2.20.2"],
     "test": ["pytest==9.2.0", "pytest-timeout==2.4.0"],
     "metrics": ["tensorboard==2.20.0"],
+    "data": ["pyarrow==26.0.1"],  # parquet prompt datasets
 }
 
 setup(

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Create or refresh the project virtualenv at <repo>/.venv. Sourced by the two README commands.
 # Idempotent: reinstalls only when setup.py or this file changed (a stamp holds their hash).
-# EXTRAS selects the install: "cpu,test,metrics" here; "gpu,test,metrics" on GPU clusters.
+# EXTRAS selects the install: "cpu,test,metrics,data" here; "gpu,test,metrics,data" on GPU clusters.
 set -euo pipefail
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PYTHON=${PYTHON:-python3}
-EXTRAS=${EXTRAS:-cpu,test,metrics}
+EXTRAS=${EXTRAS:-cpu,test,metrics,data}
 VENV="$REPO_ROOT/.venv"
 STAMP="$VENV/.megatron_rl_stamp"
 want=$(cat "$REPO_ROOT/setup.py" "$REPO_ROOT/launch/env.sh" | sha256sum | cut -c1-16)-$EXTRAS

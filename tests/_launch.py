@@ -23,12 +23,18 @@ def tiny_model_paths() -> dict:
     sys.path.insert(0, REPO)
     from megatron_rl.models.tiny import make_tiny_model
 
+    import fcntl
+
+    os.makedirs(MODEL_CACHE, exist_ok=True)
     paths = {}
-    for name, (family, tied) in VARIANTS.items():
-        path = os.path.join(MODEL_CACHE, name)
-        if not os.path.isfile(os.path.join(path, "model.safetensors")):
-            make_tiny_model(path, family=family, tied=tied, seed=0)
-        paths[name] = path
+    # One builder at a time (pytest-xdist, concurrent sessions); make_tiny_model renames atomically.
+    with open(os.path.join(MODEL_CACHE, ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for name, (family, tied) in VARIANTS.items():
+            path = os.path.join(MODEL_CACHE, name)
+            if not os.path.isfile(os.path.join(path, "config.json")):
+                make_tiny_model(path, family=family, tied=tied, seed=0)
+            paths[name] = path
     return paths
 
 
@@ -53,9 +59,13 @@ def torchrun(script: str, *, nproc: int, out_dir: str, args=(), timeout: float =
                      "VLLM_CACHE_ROOT": full_env.get("VLLM_CACHE_ROOT", os.path.join(REPO, "runs", ".cache", "vllm")),
                      "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
     full_env.update(env or {})
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), script, *map(str, args)]
-    proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    for attempt in range(3):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+               "--master-addr", "127.0.0.1", "--master-port", str(free_port()), script, *map(str, args)]
+        proc = run_group(cmd, env=full_env, timeout=timeout)
+        # free_port() releases the port before torchrun binds it: another launch may win the race.
+        if proc.returncode == 0 or "EADDRINUSE" not in proc.stderr + proc.stdout:
+            break
     if check and proc.returncode != 0:
         tail = "\n".join((proc.stdout + "\n" + proc.stderr).splitlines()[-80:])
         raise AssertionError(f"torchrun {os.path.basename(script)} x{nproc} exited {proc.returncode}:\n{tail}")
@@ -64,6 +74,26 @@ def torchrun(script: str, *, nproc: int, out_dir: str, args=(), timeout: float =
         path = os.path.join(out_dir, f"rank{r}.json")
         results.append(json.load(open(path)) if os.path.exists(path) else None)
     return proc, results
+
+
+def run_group(cmd, *, env, timeout: float, cwd: str = REPO) -> subprocess.CompletedProcess:
+    """Run ``cmd`` in its own process group; on timeout kill the WHOLE group (torchrun's workers
+    too, which a plain ``subprocess.run`` timeout would leave orphaned) and raise."""
+    import signal
+
+    p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, err = p.communicate()
+        tail = "\n".join((out + "\n" + err).splitlines()[-60:])
+        raise AssertionError(f"{' '.join(map(str, cmd[:6]))} timed out after {timeout} s (process group killed):\n{tail}")
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
 
 def write_result(obj) -> None:
