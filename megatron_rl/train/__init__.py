@@ -1,0 +1,1 @@
+"""Training on megatron-core: the engine (model, optimizer, schedules) and the LM job."""
