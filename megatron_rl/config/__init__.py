@@ -3,17 +3,21 @@
 Every default lives in a dataclass below; YAML files only override them, and
 dotted command-line overrides (``train.lr=1e-6``) override the YAML. Unknown
 keys are rejected by name. Each section validates itself in ``__post_init__``;
-checks that span sections live in :meth:`Config.check_world` and
-:meth:`Config.check_model`, and all of them run before any process group exists.
+checks that span sections live in :class:`Config`: ``__post_init__`` (no outside facts),
+:meth:`Config.check_world` (the launch), :meth:`Config.check_model` (the model's shape) and
+:meth:`Config.check_files` (paths and optional packages). All of them run before any process
+group exists, and each failure is one line: ``config error: <field>: <problem>; fix: <fix>``.
 
 Usage::
 
     cfg = load_config("configs/tiny_cpu.yaml", overrides=["train.lr=1e-5"])
     cfg.check_world(world_size=4)
+    cfg.check_files()
 """
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
@@ -109,58 +113,91 @@ class RolloutConfig:
 
 @dataclass
 class AlgorithmConfig:
-    """GRPO / PPO-style objective."""
+    """Critic-free policy optimisation (GRPO family) with the PPO clipped loss."""
 
-    name: str = "grpo"  # grpo | ppo
+    name: str = "grpo"  # grpo (group-mean baseline) | rloo (leave-one-out baseline)
     group_size: int = 8  # G responses per prompt
     normalize_adv_std: bool = True  # False gives Dr.GRPO
+    adv_eps: float = 1e-6
     clip_low: float = 0.2
     clip_high: float = 0.28  # DAPO clip-higher
     kl_coef: float = 0.0  # > 0 keeps a frozen reference model (offloaded when unused)
+    kl_estimator: str = "k3"  # k1 | k2 | k3 (see megatron_rl.algorithms.losses.kl_penalty)
     loss_agg: str = "token-mean"  # token-mean | seq-mean-token-sum | seq-mean-token-mean
     tis_cap: Optional[float] = 2.0  # truncated importance sampling for rollout/train mismatch; None disables
+    mini_batches: int = 1  # optimizer steps per rollout batch; > 1 makes the PPO clip bite
 
     def __post_init__(self):
-        if self.name not in ("grpo", "ppo"):
-            _fail("algorithm.name", f"unknown algorithm {self.name!r}", "use grpo or ppo")
-        if self.name == "grpo" and self.group_size < 2:
-            _fail("algorithm.group_size", f"GRPO needs >= 2 samples per prompt, got {self.group_size}",
+        if self.name == "ppo":
+            _fail("algorithm.name", "PPO with a value model (critic) is not implemented",
+                  "use grpo or rloo; both use the PPO clipped loss")
+        if self.name not in ("grpo", "rloo"):
+            _fail("algorithm.name", f"unknown algorithm {self.name!r}", "use grpo or rloo")
+        if self.group_size < 2:
+            _fail("algorithm.group_size", f"{self.name.upper()} needs >= 2 samples per prompt, got {self.group_size}",
                   "set algorithm.group_size >= 2")
         if self.loss_agg not in ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean"):
             _fail("algorithm.loss_agg", f"unknown mode {self.loss_agg!r}",
                   "use token-mean, seq-mean-token-sum or seq-mean-token-mean")
-        if self.clip_low < 0 or self.clip_high < 0:
-            _fail("algorithm.clip_low/clip_high", "must be >= 0", "use e.g. 0.2 / 0.28")
+        if not 0 <= self.clip_low < 1:
+            _fail("algorithm.clip_low", f"must be in [0, 1), got {self.clip_low}", "use e.g. 0.2")
+        if self.clip_high < 0:
+            _fail("algorithm.clip_high", f"must be >= 0, got {self.clip_high}", "use e.g. 0.28")
         if self.kl_coef < 0:
-            _fail("algorithm.kl_coef", "must be >= 0", "use 0 to disable the KL term")
+            _fail("algorithm.kl_coef", f"must be >= 0, got {self.kl_coef}", "use 0 to disable the KL term")
+        if self.kl_estimator not in ("k1", "k2", "k3"):
+            _fail("algorithm.kl_estimator", f"unknown estimator {self.kl_estimator!r}", "use k1, k2 or k3")
         if self.tis_cap is not None and self.tis_cap < 1.0:
             _fail("algorithm.tis_cap", f"must be >= 1 or null, got {self.tis_cap}", "use e.g. 2.0, or null to disable")
+        if self.adv_eps <= 0:
+            _fail("algorithm.adv_eps", f"must be > 0, got {self.adv_eps}", "use e.g. 1e-6")
+        _positive("algorithm", mini_batches=self.mini_batches)
 
 
 @dataclass
 class DataConfig:
     """Prompts and rewards."""
 
-    dataset: str = "synthetic:copy"  # synthetic:<task> or a .jsonl / .parquet path
-    prompt_key: str = "prompt"
-    reward: str = "copy_match"  # a name in megatron_rl.rewards' registry
+    dataset: str = "synthetic:digits"  # synthetic:<digits|copy|add> or a .jsonl / .parquet path
+    prompt_key: str = "prompt"  # the column holding the prompt text
+    reward: str = "digit_fraction"  # a name in megatron_rl.rewards' registry, or package.module:function
     prompts_per_step: int = 8
-    max_prompt_len: int = 128
+    max_prompt_len: int = 64  # tokens; longer prompts are dropped when the dataset loads
+    shuffle: bool = True  # a seeded permutation per epoch (deterministic, resumable)
+    synthetic_size: int = 1024  # rows of a synthetic dataset
     seed: int = 1234
 
     def __post_init__(self):
-        _positive("data", prompts_per_step=self.prompts_per_step, max_prompt_len=self.max_prompt_len)
+        _positive("data", prompts_per_step=self.prompts_per_step, max_prompt_len=self.max_prompt_len,
+                  synthetic_size=self.synthetic_size)
+        if self.dataset.startswith("synthetic:"):
+            from megatron_rl.data.synthetic import TASKS
+
+            if self.dataset.split(":", 1)[1] not in TASKS:
+                _fail("data.dataset", f"unknown synthetic task {self.dataset!r}",
+                      "use one of " + ", ".join("synthetic:" + t for t in TASKS))
+        elif not self.dataset.endswith((".jsonl", ".parquet")):
+            _fail("data.dataset", f"{self.dataset!r} is neither synthetic:<task> nor a .jsonl/.parquet file",
+                  "use synthetic:digits or a path ending in .jsonl or .parquet")
+        from megatron_rl.rewards import get_reward
+
+        get_reward(self.reward)  # fails naming data.reward and the known names
 
 
 @dataclass
 class TrainConfig:
+    """The optimizer and the training loop."""
+
     steps: int = 20
     lr: float = 1e-4
     min_lr: float = 0.0
+    lr_schedule: str = "constant"  # constant | cosine (decays to min_lr at the last step)
+    lr_warmup_steps: int = 0
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
-    grad_clip: float = 1.0
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     micro_batch_groups: int = 2  # prompt groups per micro-batch (pad-free packed)
     shared_prefix: bool = True  # train on [P, R1..RG] packs instead of G full copies
     recompute: bool = False
@@ -168,8 +205,24 @@ class TrainConfig:
 
     def __post_init__(self):
         _positive("train", steps=self.steps, micro_batch_groups=self.micro_batch_groups)
-        if self.lr <= 0:
+        if not self.lr > 0:
             _fail("train.lr", f"must be > 0, got {self.lr}", "use e.g. 1e-5")
+        if not 0 <= self.min_lr <= self.lr:
+            _fail("train.min_lr", f"must be in [0, train.lr={self.lr}], got {self.min_lr}", "use e.g. 0 or lr/10")
+        if self.lr_schedule not in ("constant", "cosine"):
+            _fail("train.lr_schedule", f"unknown schedule {self.lr_schedule!r}", "use constant or cosine")
+        if not 0 <= self.lr_warmup_steps < self.steps:
+            _fail("train.lr_warmup_steps", f"must be in [0, train.steps={self.steps}), got {self.lr_warmup_steps}",
+                  "use fewer warm-up steps than train.steps")
+        if self.weight_decay < 0:
+            _fail("train.weight_decay", f"must be >= 0, got {self.weight_decay}", "use e.g. 0.0 or 0.01")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                _fail(f"train.{name}", f"must be in [0, 1), got {getattr(self, name)}", "use e.g. 0.9 / 0.999")
+        if self.adam_eps <= 0:
+            _fail("train.adam_eps", f"must be > 0, got {self.adam_eps}", "use e.g. 1e-8")
+        if self.grad_clip < 0:
+            _fail("train.grad_clip", f"must be >= 0, got {self.grad_clip}", "use e.g. 1.0, or 0 to disable")
 
 
 @dataclass
@@ -187,11 +240,23 @@ class CheckpointConfig:
 
 @dataclass
 class LoggingConfig:
+    """What rank 0 writes: JSONL per step, optional TensorBoard, a progress bar, phase tables."""
+
     run_dir: str = "runs/default"
-    jsonl: bool = True
-    tensorboard: bool = False
-    progress: bool = True
-    log_every: int = 1
+    jsonl: bool = True  # <run_dir>/metrics.jsonl, one object per step
+    tensorboard: bool = False  # <run_dir>/tb; needs megatron_rl[metrics] (tensorboard)
+    progress: bool = True  # a progress bar on rank 0
+    phase_table: bool = True  # print the per-phase time/memory table every table_every steps
+    table_every: int = 10
+    log_every: int = 1  # steps between metric rows (JSONL, TensorBoard)
+
+    def __post_init__(self):
+        _positive("logging", log_every=self.log_every, table_every=self.table_every)
+        if not self.run_dir:
+            _fail("logging.run_dir", "is empty", "set a directory for metrics, e.g. runs/demo")
+        if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
+            _fail("logging.tensorboard", "tensorboard is not installed",
+                  "pip install 'megatron_rl[metrics]' (tensorboard==2.20.0) or set logging.tensorboard=false")
 
 
 @dataclass
@@ -206,8 +271,20 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self):
+        d, r = self.data, self.rollout
+        if d.max_prompt_len + r.max_new_tokens > r.max_model_len:
+            _fail("rollout.max_model_len", f"{r.max_model_len} < data.max_prompt_len + rollout.max_new_tokens = "
+                  f"{d.max_prompt_len} + {r.max_new_tokens}", "raise rollout.max_model_len or shorten prompts/responses")
         if self.parallel.world_size is not None:
             self.check_world(self.parallel.world_size)
+
+    def validate(self, *, world_size: int, hf_config=None, files: bool = True) -> None:
+        """Every check at once, in the order a job needs them (call before any process group)."""
+        self.check_world(world_size)
+        if files:
+            self.check_files()
+        if hf_config is not None:
+            self.check_hf_config(hf_config)
 
     def check_world(self, world_size: int) -> None:
         """Cross-section checks that need the world size. Call before any process group."""
@@ -221,16 +298,24 @@ class Config:
         if world_size % r.tp:
             _fail("rollout.tp", f"{r.tp} does not divide world size {world_size}",
                   "choose rollout.tp dividing the world size (replicas fill the rest)")
-        if p.distributed_optimizer and self.data_parallel_size(world_size) == 1:
-            pass  # legal: degenerates to the plain optimizer
+        # Every DP rank must train the same number of groups per optimizer step, or the
+        # gradient all-reduce of one rank waits for a micro-batch another never runs.
+        dp, a = self.data_parallel_size(world_size), self.algorithm
+        if self.data.prompts_per_step % (dp * a.mini_batches):
+            _fail("data.prompts_per_step", f"{self.data.prompts_per_step} groups do not split evenly over "
+                  f"data-parallel size {dp} x algorithm.mini_batches {a.mini_batches}",
+                  f"use a multiple of {dp * a.mini_batches}")
 
     def data_parallel_size(self, world_size: int) -> int:
         return world_size // self.parallel.model_parallel_size
 
     def check_model(self, *, num_attention_heads: int, num_key_value_heads: int, vocab_size: int,
-                    num_layers: int) -> None:
+                    num_layers: int, max_position_embeddings: Optional[int] = None) -> None:
         """Checks that need the model's shape. Call before any process group."""
         p, r = self.parallel, self.rollout
+        if max_position_embeddings is not None and r.max_model_len > max_position_embeddings:
+            _fail("rollout.max_model_len", f"{r.max_model_len} exceeds the model's max_position_embeddings="
+                  f"{max_position_embeddings}", f"set rollout.max_model_len <= {max_position_embeddings}")
         if num_attention_heads % p.tp:
             _fail("parallel.tp", f"{p.tp} does not divide num_attention_heads={num_attention_heads}",
                   "choose a parallel.tp that divides the attention heads")
@@ -251,6 +336,29 @@ class Config:
                   "choose a rollout.tp that divides the kv heads")
         if vocab_size < 1:
             _fail("model.hf_path", f"vocab_size={vocab_size}", "point model.hf_path at a valid HF model")
+
+    def check_hf_config(self, hf_config) -> None:
+        """:meth:`check_model` with the shape read from a transformers config object."""
+        self.check_model(num_attention_heads=hf_config.num_attention_heads,
+                         num_key_value_heads=getattr(hf_config, "num_key_value_heads", None)
+                         or hf_config.num_attention_heads,
+                         vocab_size=hf_config.vocab_size, num_layers=hf_config.num_hidden_layers,
+                         max_position_embeddings=getattr(hf_config, "max_position_embeddings", None))
+
+    def check_files(self) -> None:
+        """Checks on the filesystem and installed packages. Call on every rank before any process group."""
+        if not os.path.isfile(os.path.join(self.model.hf_path, "config.json")):
+            _fail("model.hf_path", f"{self.model.hf_path!r} holds no config.json",
+                  "point it at a HF model directory (for the tiny demo: megatron-rl make-tiny-model --out "
+                  f"{self.model.hf_path})")
+        ds = self.data.dataset
+        if not ds.startswith("synthetic:"):
+            if not os.path.isfile(ds):
+                _fail("data.dataset", f"file {ds!r} does not exist", "point data.dataset at an existing .jsonl/.parquet "
+                      "file, or use synthetic:digits")
+            if ds.endswith(".parquet") and importlib.util.find_spec("pyarrow") is None:
+                _fail("data.dataset", f"reading {ds} needs pyarrow, which is not installed",
+                      "pip install pyarrow==26.0.1 (or megatron_rl[data]), or convert the file to .jsonl")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,6 +387,11 @@ def _coerce(path: str, value: Any, hint: Any) -> Any:
             _fail(path, f"expected an integer, got {value!r}", f"set {path} to an integer")
         return value
     if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             _fail(path, f"expected a number, got {value!r}", f"set {path} to a number")
         return float(value)
