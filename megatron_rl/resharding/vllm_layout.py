@@ -1,0 +1,127 @@
+"""vLLM's tensor-parallel parameter layout, in the layout algebra of :mod:`layout`.
+
+The facts below are read from the installed vLLM (0.32), not guessed:
+
+- ``QKVParallelLinear`` (``layers/linear.py``): per rank ``[Q_r | K_r | V_r]`` with
+  ``heads/t`` query heads starting at head ``r*heads/t``. When ``t >= kv_heads`` each rank
+  holds ONE kv head, ``num_kv_head_replicas = t // kv_heads``, and rank r holds kv head
+  ``r // num_kv_head_replicas``; otherwise ``kv_heads/t`` kv heads from ``r*kv_heads/t``.
+  Biases follow the weight rows.
+- ``MergedColumnParallelLinear`` (``gate_up_proj``): ``[gate_r ; up_r]``, each ``ffn/t`` rows.
+- ``RowParallelLinear`` (``o_proj``, ``down_proj``): split along dim 1 (``input_dim``).
+- ``VocabParallelEmbedding`` / ``ParallelLMHead`` (``vocab_parallel_embedding.py``): vocab
+  padded to a multiple of ``DEFAULT_VOCAB_PADDING_SIZE`` (64), split evenly over t; rank r
+  holds rows ``[r*n, min((r+1)*n, vocab))`` first and zeros after.
+- Tied embeddings (``models/{llama,qwen2,qwen3}.py``): ``lm_head.tie_weights(embed_tokens)``
+  makes ``lm_head.weight`` the same Parameter, so only ``model.embed_tokens.weight`` exists.
+- Norms (``RMSNorm``; qwen3 ``q_norm``/``k_norm``) are replicated on every rank.
+
+Usage::
+
+    lay = vllm_layout(shape, tp=2, world_size=4)   # two replicas: ranks {0,1} and {2,3}
+    lay.ranks[3]["model.layers.0.self_attn.qkv_proj.weight"].blocks
+"""
+from __future__ import annotations
+
+from megatron_rl.parallel.grid import LayoutError
+from megatron_rl.resharding.layout import (Layout, LocalTensor, ModelShape, qkv_blocks, replicated,
+                                           split_blocks)
+
+VLLM_VOCAB_PADDING = 64  # vllm.model_executor.layers.vocab_parallel_embedding.DEFAULT_VOCAB_PADDING_SIZE
+
+
+def vllm_padded_vocab(vocab: int, *, tp: int) -> int:
+    """vLLM's padded vocab (``pad_vocab_size``); it must split evenly over ``tp``."""
+    padded = -(-vocab // VLLM_VOCAB_PADDING) * VLLM_VOCAB_PADDING
+    if padded % tp:
+        raise LayoutError(f"rollout.tp={tp} does not divide vLLM's padded vocab {padded}; fix: choose another rollout.tp")
+    return padded
+
+
+def vllm_kv_heads(shape: ModelShape, *, tp: int, tp_rank: int) -> list[int]:
+    """The kv heads rank ``tp_rank`` holds (one replicated head when ``tp >= kv_heads``)."""
+    if tp >= shape.kv_heads:
+        if tp % shape.kv_heads:
+            raise LayoutError(f"rollout.tp={tp} is not a multiple of num_key_value_heads={shape.kv_heads}; "
+                              "fix: choose a rollout.tp that divides or is a multiple of the kv heads")
+        return [tp_rank // (tp // shape.kv_heads)]
+    if shape.kv_heads % tp:
+        raise LayoutError(f"rollout.tp={tp} does not divide num_key_value_heads={shape.kv_heads}; "
+                          "fix: choose a rollout.tp that divides or is a multiple of the kv heads")
+    n = shape.kv_heads // tp
+    return list(range(tp_rank * n, (tp_rank + 1) * n))
+
+
+def vllm_layer_tensors(shape: ModelShape, *, tp: int, tp_rank: int, layer: int) -> dict[str, LocalTensor]:
+    """The local tensors of decoder layer ``layer`` on vLLM tp rank ``tp_rank``."""
+    if shape.heads % tp:
+        raise LayoutError(f"rollout.tp={tp} does not divide num_attention_heads={shape.heads}; fix: choose another rollout.tp")
+    if shape.ffn % tp:
+        raise LayoutError(f"rollout.tp={tp} does not divide intermediate_size={shape.ffn}; fix: choose another rollout.tp")
+    h, d = shape.hidden, shape.head_dim
+    p = f"model.layers.{layer}."
+    nh = shape.heads // tp
+    kv = vllm_kv_heads(shape, tp=tp, tp_rank=tp_rank)
+    out: dict[str, LocalTensor] = {}
+
+    def add(lt: LocalTensor):
+        out[lt.name] = lt
+
+    add(replicated(p + "input_layernorm.weight", p + "input_layernorm.weight", (h,)))
+    add(replicated(p + "post_attention_layernorm.weight", p + "post_attention_layernorm.weight", (h,)))
+    for suffix in ("weight", "bias") if shape.qkv_bias else ("weight",):
+        blocks, rows = qkv_blocks(p + "self_attn.", suffix, shape, q_heads=range(tp_rank * nh, (tp_rank + 1) * nh),
+                                  kv_heads=kv, interleave=False)
+        add(LocalTensor(f"{p}self_attn.qkv_proj.{suffix}", (rows, h) if suffix == "weight" else (rows,), 0, blocks))
+    if shape.qk_norm:
+        add(replicated(p + "self_attn.q_norm.weight", p + "self_attn.q_norm.weight", (d,)))
+        add(replicated(p + "self_attn.k_norm.weight", p + "self_attn.k_norm.weight", (d,)))
+    qdim = shape.heads * d
+    add(LocalTensor(p + "self_attn.o_proj.weight", (h, qdim // tp), 1,
+                    split_blocks(p + "self_attn.o_proj.weight", total=qdim, parts=tp, index=tp_rank)))
+    f = shape.ffn // tp
+    gate_up = split_blocks(p + "mlp.gate_proj.weight", total=shape.ffn, parts=tp, index=tp_rank) + \
+        split_blocks(p + "mlp.up_proj.weight", total=shape.ffn, parts=tp, index=tp_rank, local_offset=f)
+    add(LocalTensor(p + "mlp.gate_up_proj.weight", (2 * f, h), 0, gate_up))
+    add(LocalTensor(p + "mlp.down_proj.weight", (h, f), 1,
+                    split_blocks(p + "mlp.down_proj.weight", total=shape.ffn, parts=tp, index=tp_rank)))
+    return out
+
+
+def vllm_rank_tensors(shape: ModelShape, *, tp: int, tp_rank: int) -> dict[str, LocalTensor]:
+    """Every parameter of one vLLM tp rank, named as vLLM's ``model.named_parameters()``."""
+    h = shape.hidden
+    vp = vllm_padded_vocab(shape.vocab, tp=tp)
+    out: dict[str, LocalTensor] = {}
+    emb = split_blocks("model.embed_tokens.weight", total=vp, parts=tp, index=tp_rank, valid=shape.vocab)
+    out["model.embed_tokens.weight"] = LocalTensor("model.embed_tokens.weight", (vp // tp, h), 0, emb)
+    for i in range(shape.layers):
+        out.update(vllm_layer_tensors(shape, tp=tp, tp_rank=tp_rank, layer=i))
+    out["model.norm.weight"] = replicated("model.norm.weight", "model.norm.weight", (h,))
+    if not shape.tied:  # tied: lm_head.weight IS model.embed_tokens.weight (one Parameter)
+        head = split_blocks("lm_head.weight", total=vp, parts=tp, index=tp_rank, valid=shape.vocab)
+        out["lm_head.weight"] = LocalTensor("lm_head.weight", (vp // tp, h), 0, head)
+    return out
+
+
+def vllm_layout(shape: ModelShape, *, tp: int, world_size: int, replica_ranks: list[list[int]] | None = None) -> Layout:
+    """vLLM's layout over the SPMD world: replicas of ``tp`` ranks each.
+
+    ``replica_ranks`` lists each replica's ranks in tp order; by default vLLM's
+    external-launcher order ``rank = replica*tp + tp_rank`` filling the world.
+    """
+    if tp < 1 or world_size % tp:
+        raise LayoutError(f"rollout.tp={tp} does not divide the world size {world_size}; fix: choose a rollout.tp "
+                          "that divides the world (replicas fill the rest)")
+    if replica_ranks is None:
+        replica_ranks = [list(range(r * tp, (r + 1) * tp)) for r in range(world_size // tp)]
+    seen = [r for ranks in replica_ranks for r in ranks]
+    if any(len(ranks) != tp for ranks in replica_ranks) or len(set(seen)) != len(seen) \
+            or any(not 0 <= r < world_size for r in seen):
+        raise LayoutError(f"rollout replica ranks {replica_ranks} must be disjoint lists of {tp} ranks in "
+                          f"[0, {world_size}); fix: pass one list of rollout.tp ranks per replica")
+    lay = Layout("vllm", shape.canonical_shapes())
+    for ranks in replica_ranks:
+        for tp_rank, rank in enumerate(ranks):
+            lay.ranks[rank] = vllm_rank_tensors(shape, tp=tp, tp_rank=tp_rank)
+    return lay

@@ -1,0 +1,123 @@
+"""Tier 1: WeightSync in one process: exact shards, checksums, and bad input before any byte moves."""
+import pytest
+import torch
+
+from megatron_rl.models.tiny import tiny_hf_config
+from megatron_rl.parallel.grid import RankGrid
+from megatron_rl.resharding.layout import ModelShape, assemble, megatron_layout
+from megatron_rl.resharding.sync import WeightSync
+from megatron_rl.resharding.transport import WeightSyncError
+from megatron_rl.resharding.vllm_layout import vllm_layout
+
+pytestmark = pytest.mark.unit
+
+
+class FakeModel:
+    """Anything with ``named_parameters()`` is a model chunk to WeightSync."""
+
+    def __init__(self, tensors):
+        self.tensors = tensors
+
+    def named_parameters(self):
+        return iter(self.tensors.items())
+
+
+class Engine:
+    def __init__(self, shapes=None):
+        self.shapes, self.got, self.calls = shapes, {}, []
+
+    def shard_shapes(self):
+        return self.shapes
+
+    def begin_weight_update(self):
+        self.calls.append("begin")
+
+    def load_shards(self, shards):
+        for n, t in shards:
+            self.got[n] = t.clone()
+
+    def end_weight_update(self):
+        self.calls.append("end")
+
+
+class NoTransport:
+    """A single-rank plan is all local copies: the transport must never carry bytes."""
+
+    def start(self, sends, recvs):
+        assert not sends and not recvs
+        return []
+
+    def wait(self, handle):
+        pass
+
+
+def _setup(family="qwen3", tied=False, **over):
+    shape = ModelShape.from_hf_config(tiny_hf_config(family, tied=tied, **over))
+    g = torch.Generator().manual_seed(0)
+    canon = {n: torch.randn(s, generator=g) for n, s in shape.canonical_shapes().items()}
+    src = megatron_layout(shape, RankGrid(world_size=1))
+    model = FakeModel({"module." + n: assemble(lt, lambda c, d, s, k: canon[c].narrow(d, s, k))
+                       for n, lt in src.ranks[0].items()})
+    dst = vllm_layout(shape, tp=1, world_size=1)
+    return shape, canon, src, dst, model
+
+
+@pytest.mark.parametrize("family,tied", [("qwen2", True), ("qwen3", False)])
+def test_single_rank_sync_is_exact_and_verified(family, tied):
+    _, canon, src, dst, model = _setup(family, tied)
+    eng = Engine({n: lt.shape for n, lt in dst.ranks[0].items()})
+    ws = WeightSync([model], eng, src_layout=src, dst_layout=dst, bucket_bytes=8192, rank=0,
+                    transport=NoTransport(), verify=True)
+    stats = ws.sync()
+    assert eng.calls == ["begin", "end"] and stats.bytes_sent == 0
+    for n, lt in dst.ranks[0].items():
+        assert torch.equal(eng.got[n], assemble(lt, lambda c, d, s, k: canon[c].narrow(d, s, k))), n
+    assert ws.verify() == ws.plan.num_ops
+    # Shards larger than a bucket are staged whole (the engine takes whole shards).
+    biggest = max(t.numel() * 4 for t in eng.got.values())
+    assert stats.peak_extra_bytes <= 2 * biggest + 2 * 8192  # the shard finishing + the next
+    # Buckets that hold any shard: staging + buffers never exceed two buckets (double buffering).
+    ws2 = WeightSync([model], Engine(), src_layout=src, dst_layout=dst, bucket_bytes=biggest, rank=0,
+                     transport=NoTransport())
+    peak = ws2.sync().peak_extra_bytes
+    assert biggest <= peak <= 2 * biggest, (peak, biggest)
+
+
+def test_verify_catches_a_corrupted_slice():
+    _, _, src, dst, model = _setup()
+    eng = Engine()
+    ws = WeightSync([model], eng, src_layout=src, dst_layout=dst, bucket_bytes=8192, rank=0, transport=NoTransport())
+    ws.sync(verify=True)
+    k = next(i for i, v in ws.last_stats.dst_sums.items())
+    ws.last_stats.dst_sums[k] += 1
+    with pytest.raises(WeightSyncError, match=r"weight sync verify: rank 0 parameter .* differs from its source"):
+        ws.verify()
+
+
+def test_training_shape_mismatch_raises_before_any_byte_moves():
+    _, _, src, dst, model = _setup()
+    model.tensors["module.decoder.layers.1.mlp.linear_fc2.weight"] = torch.zeros(3, 7)
+    eng = Engine()
+    with pytest.raises(WeightSyncError, match=r"'decoder.layers.1.mlp.linear_fc2.weight' has shape \(3, 7\)"):
+        WeightSync([model], eng, src_layout=src, dst_layout=dst, bucket_bytes=8192, rank=0, transport=NoTransport())
+    assert eng.calls == []
+
+
+def test_rollout_model_mismatch_raises_before_any_byte_moves():
+    _, _, src, _, model = _setup()
+    ffn = ModelShape.from_hf_config(tiny_hf_config("qwen3")).ffn
+    wide = ModelShape.from_hf_config(tiny_hf_config("qwen3", intermediate_size=2 * ffn))
+    eng = Engine()
+    with pytest.raises(WeightSyncError, match=r"model.layers.0.mlp.(gate|up|down)_proj.weight"):
+        WeightSync([model], eng, src_layout=src, dst_layout=vllm_layout(wide, tp=1, world_size=1), bucket_bytes=8192,
+                   rank=0, transport=NoTransport())
+    tied_dst = vllm_layout(ModelShape.from_hf_config(tiny_hf_config("qwen3", tied=True)), tp=1, world_size=1)
+    untied = vllm_layout(ModelShape.from_hf_config(tiny_hf_config("qwen3")), tp=1, world_size=1)
+    live = Engine({n: lt.shape for n, lt in untied.ranks[0].items()})  # the engine runs the untied model
+    with pytest.raises(WeightSyncError, match=r"vLLM parameter 'lm_head.weight' is not produced by the plan"):
+        WeightSync([model], live, src_layout=src, dst_layout=tied_dst, bucket_bytes=8192, rank=0,
+                   transport=NoTransport())
+    live.shapes["model.norm.weight"] = (7,)
+    with pytest.raises(WeightSyncError, match=r"rollout parameter 'model.norm.weight' has shape \(7,\)"):
+        WeightSync([model], live, src_layout=src, dst_layout=untied, bucket_bytes=8192, rank=0, transport=NoTransport())
+    assert eng.calls == [] and live.calls == []

@@ -1,0 +1,96 @@
+"""Multi-rank exactness of the weight sync: real megatron-core -> real vLLM (external_launcher).
+
+One production rollout engine (VllmEngine: TP = --tv, replicas fill the world) per launch;
+Megatron layouts are rebuilt per case. The reference is what vLLM itself holds after loading
+the HF checkpoint: read back (bitwise, kernel format) right after start-up, or, with --dummy,
+after vLLM's own checkpoint-format reload following the first sync. Before every case the engine's weights
+are overwritten with noise, so a sync that skips anything fails.
+
+    torchrun --nproc-per-node 4 tests/workers/sync_exact.py --model q2 --tv 2 --cases 1x1,2x2 [--dummy]
+"""
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import sync_common as C  # noqa: E402
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from _launch import write_result  # noqa: E402
+
+from megatron_rl.resharding.layout import ModelShape, assemble, megatron_layout  # noqa: E402
+from megatron_rl.resharding.sync import WeightSync  # noqa: E402
+from megatron_rl.resharding.vllm_layout import vllm_layout  # noqa: E402
+
+
+def layout_vs_vllm(shape, hf, ref, *, tv, world, rank):
+    """Our vLLM layout assembled from HF tensors vs what vLLM's own loaders produced."""
+    mine = vllm_layout(shape, tp=tv, world_size=world).ranks[rank]
+    want = {n: assemble(lt, lambda c, d, s, k: hf[c].narrow(d, s, k), dtype=torch.float32) for n, lt in mine.items()}
+    return C.diff_shards(ref, want)
+
+
+def run_case(path, hf_config, shape, recv, *, tm, pm, tv, bucket, seed):
+    world, rank = dist.get_world_size(), dist.get_rank()
+    chunks, grid = C.build_megatron(path, tp=tm, pp=pm, hf_config=hf_config)
+    recv.scramble(seed)
+    ws = WeightSync(chunks, recv, src_layout=megatron_layout(shape, grid),
+                    dst_layout=vllm_layout(shape, tp=tv, world_size=world), bucket_bytes=bucket, timeout=60, verify=True)
+    t0 = time.perf_counter()
+    stats = ws.sync()
+    seconds = time.perf_counter() - t0
+    return dict(case=f"{tm}x{pm}", bytes_moved=ws.plan.bytes_moved, lower_bound=ws.plan.lower_bound,
+                sent=stats.bytes_sent, received=stats.bytes_received, local=stats.bytes_local,
+                buckets=len(ws.plan.buckets), peak_extra=stats.peak_extra_bytes, seconds=seconds,
+                verified=ws.verify(), delivered=sorted(recv.received), rank=rank)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--tv", type=int, required=True)
+    ap.add_argument("--cases", required=True)
+    ap.add_argument("--dummy", action="store_true")
+    ap.add_argument("--bucket", type=int, default=64 << 10)
+    args = ap.parse_args()
+    t_start = time.perf_counter()
+    from transformers import AutoConfig
+
+    path = C.sync_model(args.model, os.environ["MODEL_ROOT"])
+    hf_config = AutoConfig.from_pretrained(path)
+    shape = ModelShape.from_hf_config(hf_config)
+    hf = C.hf_tensors(path)
+    cases = [tuple(int(x) for x in c.split("x")) for c in args.cases.split(",")]
+    C.build_megatron(path, tp=cases[0][0], pp=cases[0][1], hf_config=hf_config)  # megatron before vLLM
+    world, rank = dist.get_world_size(), dist.get_rank()
+    t_llm = time.perf_counter()
+    engine = C.make_engine(path, tp=args.tv, dummy=args.dummy, run_dir=os.environ["OUT_DIR"])
+    recv = C.Receiver(engine)
+    llm = engine.llm
+    out = dict(rank=rank, world=world, tv=args.tv, model=args.model, dummy=args.dummy, cases=[],
+               t_setup=t_llm - t_start, t_llm=time.perf_counter() - t_llm)
+    if not args.dummy:
+        ref, ref_gen = recv.weights.read_shards(), C.greedy(llm)
+    for i, (tm, pm) in enumerate(cases):
+        res = run_case(path, hf_config, shape, recv, tm=tm, pm=pm, tv=args.tv, bucket=args.bucket, seed=i)
+        got, gen = recv.weights.read_shards(), C.greedy(llm)
+        if args.dummy and i == 0:  # reference: vLLM's own checkpoint-format load of the HF tensors
+            engine.update_weights(hf.items())  # vLLM layerwise reload + prefix-cache reset
+            ref, ref_gen = recv.weights.read_shards(), C.greedy(llm)
+        res.update(mismatched=C.diff_shards(got, ref), gen_equal=gen == ref_gen, gen=gen[:2],
+                   names=len(ref), scrambled_differs=None)
+        res["t_case"] = time.perf_counter() - t_start
+        out["cases"].append(res)
+    out["layout_vs_vllm_loaders"] = layout_vs_vllm(shape, hf, ref, tv=args.tv, world=world, rank=rank)
+    out["ref_gen"] = ref_gen[:2]
+    # The noise really changes the output (so equal generations above are evidence).
+    recv.scramble(99)
+    out["noise_gen_differs"] = C.greedy(llm) != ref_gen
+    write_result(out)
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main()
