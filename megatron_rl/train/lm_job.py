@@ -20,6 +20,7 @@ import time
 
 import torch
 
+from megatron_rl.checkpoint import CheckpointError
 from megatron_rl.config import ConfigError, load_config
 from megatron_rl.parallel.grid import LayoutError
 
@@ -30,7 +31,9 @@ def parse_args(argv):
     ap.add_argument("--seq-len", type=int, default=32, help="tokens per sequence (divisible by 2*cp, and tp with SP)")
     ap.add_argument("--micro-batch-size", type=int, default=2, help="sequences per micro-batch")
     ap.add_argument("--global-batch", type=int, default=8, help="sequences per step over all DP ranks")
-    ap.add_argument("--save", help="write a megatron dist checkpoint here at the end")
+    ap.add_argument("--load", help="start from this megatron_rl checkpoint (any saved layout) instead of "
+                    "model.hf_path's weights")
+    ap.add_argument("--save", help="write a megatron_rl checkpoint (dist checkpoint + metadata) here at the end")
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4 parallel.tp=2")
     return ap.parse_args(argv)
 
@@ -39,6 +42,10 @@ def validate(args, cfg, world: int, hf_config) -> int:
     """All checks that need no process group. Returns micro-batches per DP rank."""
     if args.save and os.path.exists(args.save) and os.listdir(args.save):
         raise ConfigError(f"config error: --save: {args.save!r} exists and is not empty; fix: pass a new directory")
+    if args.load:
+        from megatron_rl.checkpoint.megatron import read_meta
+
+        read_meta(args.load)  # one clear error for a missing or incomplete checkpoint
     cfg.check_world(world)
     cfg.check_model(num_attention_heads=hf_config.num_attention_heads,
                     num_key_value_heads=getattr(hf_config, "num_key_value_heads", hf_config.num_attention_heads),
@@ -78,6 +85,10 @@ def run(args) -> dict:
     coord = grid.coords(rank)
     eng = TrainEngine(hf_config, parallel=cfg.parallel, train=cfg.train, dtype=dtype, hf_path=cfg.model.hf_path,
                       vocab_divisible_by=cfg.model.make_vocab_size_divisible_by)
+    if args.load:
+        from megatron_rl.checkpoint.spmd import load_checkpoint
+
+        load_checkpoint(eng.model[0], args.load)  # collective; dist-checkpointing reshards any saved layout
     history = []
     for step in range(cfg.train.steps):
         batches = synthetic_batches(vocab=hf_config.vocab_size, num=micro * grid.dp, batch=args.micro_batch_size,
@@ -90,14 +101,12 @@ def run(args) -> dict:
             print(f"step {step + 1}/{cfg.train.steps} loss {out['loss']:.6f} grad_norm {out['grad_norm']:.6f} "
                   f"tokens {out['tokens']} time {out['time_s']:.2f}s", flush=True)
     if args.save:
-        from megatron_rl.checkpoint.megatron import save_model
+        from megatron_rl.checkpoint.spmd import save_checkpoint
 
+        hf_dir = os.path.join(args.load, "hf") if args.load else cfg.model.hf_path
+        save_checkpoint(eng.model[0], args.save, hf_dir=hf_dir, vocab_divisible_by=cfg.model.make_vocab_size_divisible_by)  # atomic: temp sibling + rename
         if rank == 0:
-            os.makedirs(args.save, exist_ok=True)
-        torch.distributed.barrier()
-        save_model(eng.model[0], args.save)
-        if rank == 0:
-            print(f"saved megatron checkpoint to {args.save}", flush=True)
+            print(f"saved megatron_rl checkpoint to {args.save}", flush=True)
     summary = {"job": "lm-train", "layout": {"tp": grid.tp, "pp": grid.pp, "cp": grid.cp, "dp": grid.dp,
                                               "sp": cfg.parallel.sequence_parallel,
                                               "distributed_optimizer": cfg.parallel.distributed_optimizer},
@@ -112,7 +121,7 @@ def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         run(args)
-    except (ConfigError, LayoutError) as e:
+    except (ConfigError, LayoutError, CheckpointError) as e:
         if os.environ.get("RANK", "0") == "0":  # deterministic: every rank fails the same way
             print(str(e), file=sys.stderr)
         return 2

@@ -1,0 +1,16 @@
+"""Checkpoints: HF safetensors and megatron-core dist-checkpoints, moved through the layout algebra.
+
+- :mod:`.hf` reads HF checkpoints by slices (never a whole tensor it does not need) and writes
+  them atomically (temporary sibling directory, fsync, rename).
+- :mod:`.megatron` saves and loads megatron-core ``dist_checkpointing`` (torch_dist) checkpoints
+  of models built by :mod:`megatron_rl.models`, with a small metadata file beside them.
+- :mod:`.convert` is the ``megatron-rl convert`` tool: HF -> Megatron at any TP/PP,
+  Megatron -> HF, and Megatron(TP a, PP b) -> Megatron(TP c, PP d), all through canonical
+  (HF-named) regions of :mod:`megatron_rl.resharding.layout`.
+
+Every bad input raises :class:`CheckpointError` with one line naming the file or field and the fix.
+"""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or conversion request that cannot work. One line: what, where, and the fix."""

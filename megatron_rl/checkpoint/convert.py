@@ -1,0 +1,223 @@
+"""``megatron-rl convert``: HF <-> Megatron checkpoint conversion and offline reshard.
+
+Three modes, all through canonical (HF-named) regions of the layout algebra
+(:mod:`megatron_rl.resharding.layout`), so there is one code path, not one per case:
+
+- ``hf-to-megatron``: every rank builds its megatron-core model (``megatron_rl.models``), fills
+  each local tensor with :func:`~megatron_rl.resharding.layout.assemble` from safetensors slices,
+  and saves with ``dist_checkpointing`` (torch_dist);
+- ``megatron-to-hf``: every rank loads the checkpoint into its model at the saved layout; each
+  canonical tensor in turn is assembled on rank 0 from the ranks' pieces (point-to-point) and
+  streamed into safetensors shards;
+- ``reshard``: Megatron(TP a, PP b) -> canonical safetensors (staged inside the temporary output)
+  -> Megatron(TP c, PP d).
+
+Run it plainly: it validates everything, then launches ``torchrun`` with TP*PP ranks itself.
+Under your own ``torchrun`` (``hf-to-megatron`` / ``megatron-to-hf`` only) the world size must equal
+TP*PP. Outputs are written to a hidden temporary sibling and renamed when complete.
+
+    megatron-rl convert hf-to-megatron --src runs/tiny-llama --out runs/llama-tp2pp2 --tp 2 --pp 2
+    megatron-rl convert megatron-to-hf --src runs/llama-tp2pp2 --out runs/llama-hf
+    megatron-rl convert reshard --src runs/llama-tp2pp2 --out runs/llama-tp1pp1 --tp 1 --pp 1
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+
+from megatron_rl.checkpoint import CheckpointError
+
+# torch-importing modules (hf, megatron, spmd) are imported inside functions: --help stays instant.
+
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(prog="megatron-rl convert", description=__doc__.split("\n\n")[0].replace("``", ""),
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="examples:\n" + "\n".join(
+                                     line for line in __doc__.splitlines() if "megatron-rl convert " in line)
+                                 + "\n\nRun without torchrun: the tool launches torchrun with TP*PP ranks itself.")
+    sub = ap.add_subparsers(dest="mode", required=True, metavar="MODE")
+    h2m = sub.add_parser("hf-to-megatron", help="HF safetensors -> Megatron dist checkpoint at --tp/--pp")
+    m2h = sub.add_parser("megatron-to-hf", help="Megatron dist checkpoint -> HF safetensors (transformers-loadable)")
+    rsh = sub.add_parser("reshard", help="Megatron(TP a, PP b) -> Megatron(--tp, --pp)")
+    for p, src in ((h2m, "HF model directory (config.json, model*.safetensors, tokenizer)"),
+                   (m2h, "Megatron checkpoint directory written by this tool"),
+                   (rsh, "Megatron checkpoint directory written by this tool")):
+        p.add_argument("--src", required=True, help=src)
+        p.add_argument("--out", required=True, help="output directory; must not exist (written atomically)")
+        p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+        p.add_argument("--no-progress", action="store_true", help="no progress bar")
+        p.add_argument("--_tmp", dest="tmp", help=argparse.SUPPRESS)  # set by the launching parent
+    for p in (h2m, rsh):
+        p.add_argument("--tp", type=int, required=True, help="tensor-parallel size of the output")
+        p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size of the output (default 1)")
+    h2m.add_argument("--vocab-divisible-by", type=int, default=128,
+                     help="pad the vocab to a multiple of lcm(this, TP) (default 128, as Megatron-LM)")
+    h2m.add_argument("--param-dtype", choices=("float32", "bfloat16", "float16"),
+                     help="dtype of the Megatron parameters (default: the HF tensors' dtype)")
+    m2h.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                     help="dtype of the HF tensors (default: the source HF model's dtype)")
+    m2h.add_argument("--max-shard-size", type=float, default=5.0, help="GiB per safetensors shard (default 5)")
+    m2h.add_argument("--hf-config", help="for a plain megatron-core dist checkpoint (no megatron_rl.json, e.g. saved "
+                     "by a training job): the HF directory with its config.json and tokenizer")
+    m2h.add_argument("--tp", type=int, default=1, help="with --hf-config: TP to load at (any valid; default 1)")
+    m2h.add_argument("--pp", type=int, default=1, help="with --hf-config: PP to load at (any valid; default 1)")
+    m2h.add_argument("--vocab-divisible-by", type=int, default=128,
+                     help="with --hf-config: the vocab padding the checkpoint was saved with (default 128)")
+    return ap.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation: everything that can be checked before a process exists.
+
+
+def check_layout(shape, *, tp: int, pp: int, vocab_divisible_by: int = 128) -> RankGrid:
+    from megatron_rl.parallel.grid import LayoutError, RankGrid
+    from megatron_rl.resharding.layout import megatron_layout
+
+    if tp < 1 or pp < 1:
+        raise CheckpointError(f"--tp/--pp: must be >= 1, got tp={tp} pp={pp}; fix: pass positive sizes")
+    try:
+        grid = RankGrid(world_size=tp * pp, tp=tp, pp=pp)
+        megatron_layout(shape, grid, vocab_divisible_by=vocab_divisible_by)
+    except LayoutError as e:
+        raise CheckpointError(f"--tp {tp} --pp {pp}: {e}") from None
+    if vocab_divisible_by % tp:
+        raise CheckpointError(f"--vocab-divisible-by {vocab_divisible_by}: not a multiple of --tp {tp}, so the "
+                              "padded vocab would change with TP; fix: use a multiple of every TP you will use")
+    return grid
+
+
+def check_world(tp: int, pp: int) -> None:
+    world = os.environ.get("WORLD_SIZE")
+    if world is not None and int(world) != tp * pp:
+        raise CheckpointError(f"WORLD_SIZE={world} != TP*PP = {tp}*{pp} = {tp * pp}; fix: launch torchrun with "
+                              f"--nproc-per-node {tp * pp}, or run the tool without torchrun (it launches its own)")
+
+
+def validate(args) -> dict:
+    """Check inputs and output; return what the workers need. Raises CheckpointError."""
+    from megatron_rl.checkpoint import hf as hfio
+
+    hfio.check_output_dir(args.out, overwrite=args.overwrite)
+    if args.mode == "hf-to-megatron":
+        ckpt = hfio.open_hf(args.src)
+        check_layout(ckpt.shape, tp=args.tp, pp=args.pp, vocab_divisible_by=args.vocab_divisible_by)
+        return dict(tp=args.tp, pp=args.pp, shape=ckpt.shape)
+    meta = _meta_for(args)
+    if args.mode == "reshard":
+        if os.environ.get("WORLD_SIZE"):
+            raise CheckpointError("reshard: running under torchrun; fix: run reshard without torchrun "
+                                  "(it launches one torchrun per layout)")
+        check_layout(meta.model_shape, tp=args.tp, pp=args.pp, vocab_divisible_by=meta.vocab_divisible_by)
+        return dict(tp=args.tp, pp=args.pp, shape=meta.model_shape, meta=meta)
+    return dict(tp=meta.tp, pp=meta.pp, shape=meta.model_shape, meta=meta)
+
+
+def _meta_for(args):
+    from megatron_rl.checkpoint import megatron as mio
+
+    if args.mode == "megatron-to-hf" and args.hf_config:
+        meta = mio.plain_meta(args.src, hf_dir=args.hf_config, tp=args.tp, pp=args.pp,
+                              vocab_divisible_by=args.vocab_divisible_by)
+        check_layout(meta.model_shape, tp=args.tp, pp=args.pp, vocab_divisible_by=args.vocab_divisible_by)
+        return meta
+    return mio.read_meta(args.src)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launching.
+
+
+def _torchrun(argv: list[str], nproc: int) -> int:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+           "-m", "megatron_rl.checkpoint.convert", *argv]
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    return subprocess.run(cmd, env=env).returncode
+
+
+def _child_argv(args, mode: str, *, src: str, out: str, tmp: str, tp=None, pp=None, extra=()) -> list[str]:
+    argv = [mode, "--src", src, "--out", out, "--_tmp", tmp, "--overwrite"]
+    if tp is not None:
+        argv += ["--tp", str(tp), "--pp", str(pp)]
+    if args.no_progress:
+        argv.append("--no-progress")
+    return argv + list(extra)
+
+
+def launch(args, info: dict) -> int:
+    """Parent (not under torchrun): own the temporary output, run the ranks, publish."""
+    from megatron_rl.checkpoint import hf as hfio
+    from megatron_rl.checkpoint import spmd
+
+    tmp = hfio.make_partial_dir(args.out)
+    try:
+        if args.mode == "reshard":
+            meta = info["meta"]
+            stage = os.path.join(tmp, spmd.STAGE)
+            os.makedirs(stage)
+            rc = _torchrun(_child_argv(args, "megatron-to-hf", src=args.src, out=stage, tmp=stage,
+                                       extra=["--dtype", meta.param_dtype]), meta.tp * meta.pp)
+            if rc == 0:
+                rc = _torchrun(_child_argv(args, "hf-to-megatron", src=stage, out=tmp, tmp=tmp, tp=args.tp, pp=args.pp,
+                                           extra=["--vocab-divisible-by", str(meta.vocab_divisible_by)]),
+                               args.tp * args.pp)
+            shutil.rmtree(stage, ignore_errors=True)
+        else:
+            rc = _torchrun(args.raw_argv + ["--_tmp", tmp], info["tp"] * info["pp"])
+        if rc != 0:
+            print(f"error: convert {args.mode} failed (exit {rc}); no output written to {args.out}", file=sys.stderr)
+            return rc
+        hfio.publish_dir(tmp, args.out, overwrite=args.overwrite)
+        print(f"wrote {args.out}")
+        return 0
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run_spmd(args) -> int:
+    """On every rank under torchrun: run the conversion, then tear the process group down."""
+    import torch.distributed as dist
+
+    from megatron_rl.checkpoint import spmd
+
+    if args.mode == "hf-to-megatron":
+        kw = dict(tp=args.tp, pp=args.pp, vocab_divisible_by=args.vocab_divisible_by, param_dtype=args.param_dtype)
+    else:
+        kw = dict(dtype=args.dtype, max_shard_bytes=int(args.max_shard_size * 2**30))
+        if args.mode == "megatron-to-hf" and args.hf_config:
+            kw.update(hf_dir=args.hf_config, tp=args.tp, pp=args.pp, vocab_divisible_by=args.vocab_divisible_by)
+    try:
+        spmd.convert(args.mode, src=args.src, out=args.out, overwrite=args.overwrite, tmp=args.tmp,
+                     progress=not args.no_progress, **kw)
+        if args.tmp is None and dist.get_rank() == 0:
+            print(f"wrote {args.out}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    args.raw_argv = argv
+    try:
+        if args.tmp is None:
+            info = validate(args)
+            if not os.environ.get("WORLD_SIZE"):
+                return launch(args, info)
+            check_world(info["tp"], info["pp"])
+        return run_spmd(args)
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

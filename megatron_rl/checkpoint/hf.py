@@ -1,0 +1,445 @@
+"""HF checkpoints: validated slice reads, and atomic streaming writes.
+
+Reading never loads a whole tensor it does not need: :meth:`HFCheckpoint.read` takes one run of
+one canonical tensor through safetensors' ``get_slice``, which is exactly the ``ReadFn`` that
+:func:`megatron_rl.resharding.layout.assemble` wants. :func:`open_hf` validates the directory
+first (files, headers, architecture, every tensor's shape and dtype, vocab) and fails with one
+line naming the file and the fix.
+
+Writing streams: :class:`SafetensorsStreamWriter` lays out every shard's header from the known
+shapes, then takes one tensor at a time, so the writer never holds more than one tensor.
+Output directories are written under a hidden temporary sibling, fsynced and renamed
+(:func:`atomic_dir`): a crash leaves either no output or the whole output, never half of it.
+
+Usage::
+
+    ckpt = open_hf("runs/tiny-llama")              # raises CheckpointError on bad input
+    run = ckpt.read("model.layers.0.mlp.up_proj.weight", 0, 32, 32)   # rows 32..63
+    with atomic_dir("runs/out") as tmp:
+        with SafetensorsStreamWriter(tmp, shapes=ckpt.shape.canonical_shapes(), dtype=ckpt.dtype) as w:
+            for name in w.names:
+                w.write(name, ckpt.tensor(name))
+        copy_hf_extras(ckpt.path, tmp)
+"""
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import os
+import shutil
+import socket
+import struct
+
+import torch
+
+from megatron_rl.checkpoint import CheckpointError
+from megatron_rl.parallel.grid import LayoutError
+from megatron_rl.resharding.layout import ModelShape
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+# Tensors some HF checkpoints carry that are not weights of the model.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                 "float64": torch.float64}
+
+
+def _fail(where: str, problem: str, fix: str):
+    raise CheckpointError(f"{where}: {problem}; fix: {fix}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading.
+
+
+class HFCheckpoint:
+    """A validated HF checkpoint directory; tensors are read lazily, by slices."""
+
+    def __init__(self, path: str, config, shape: ModelShape, files: dict[str, str], dtype: torch.dtype):
+        self.path = path
+        self.config = config
+        self.shape = shape
+        self.files = files  # tensor name -> absolute safetensors path
+        self.dtype = dtype
+        self._handles: dict[str, object] = {}
+
+    def _handle(self, name: str):
+        from safetensors import safe_open
+
+        f = self.files[name]
+        if f not in self._handles:
+            self._handles[f] = safe_open(f, framework="pt")
+        return self._handles[f]
+
+    def read(self, name: str, dim: int, start: int, length: int) -> torch.Tensor:
+        """``canon[name].narrow(dim, start, length)``, reading only those bytes' neighbourhood."""
+        sl = self._handle(name).get_slice(name)
+        index = (slice(None),) * dim + (slice(start, start + length),)
+        return sl[index]
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self._handle(name).get_tensor(name)
+
+
+def _load_config(path: str):
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        _fail(cfg_path, "missing", "pass the HF model directory that holds config.json (save_pretrained output)")
+    try:
+        with open(cfg_path) as f:
+            raw = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        _fail(cfg_path, f"is not valid JSON ({e})", "restore config.json from the original model")
+    archs = raw.get("architectures") or []
+    from megatron_rl.resharding.layout import SUPPORTED_ARCHS
+
+    if not archs or archs[0] not in SUPPORTED_ARCHS:
+        _fail(f"{cfg_path}: architectures", f"architecture {archs[0] if archs else None!r} is not supported",
+              f"convert a model of one of {sorted(SUPPORTED_ARCHS)}")
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001 - transformers raises many types; report its one line
+        _fail(cfg_path, f"transformers cannot parse it ({str(e).splitlines()[0]})",
+              "restore config.json from the original model")
+    return cfg
+
+
+def _weight_files(path: str) -> dict[str, str]:
+    """Tensor name -> file, from the index when sharded, else from the single file's header."""
+    from safetensors import SafetensorError, safe_open
+
+    index = os.path.join(path, INDEX)
+    if os.path.isfile(index):
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            _fail(index, f"is not a valid safetensors index ({e!r})", "restore it, or re-save the model")
+        files = {n: os.path.join(path, f) for n, f in weight_map.items()}
+    elif os.path.isfile(os.path.join(path, SINGLE)):
+        files = None
+    else:
+        found = sorted(os.listdir(path))
+        hint = "re-save it with save_pretrained(..., safe_serialization=True)" if any(
+            f.endswith(".bin") for f in found) else "pass a directory saved with save_pretrained"
+        _fail(os.path.join(path, SINGLE), "missing (no model.safetensors and no " + INDEX + ")", hint)
+    names_by_file: dict[str, list[str]] = {}
+    for f in sorted(set(files.values())) if files else [os.path.join(path, SINGLE)]:
+        if not os.path.isfile(f):
+            _fail(f, f"missing (listed in {INDEX})", "copy every shard the index lists, or re-save the model")
+        try:
+            with safe_open(f, framework="pt") as h:
+                names_by_file[f] = list(h.keys())
+        except (SafetensorError, OSError, ValueError) as e:
+            _fail(f, f"is truncated or corrupt ({str(e).splitlines()[0]})",
+                  "re-copy or re-save this file; it is not a complete safetensors file")
+    if files is None:
+        files = {n: f for f, ns in names_by_file.items() for n in ns}
+    for f, ns in names_by_file.items():
+        missing = [n for n in ns if files.get(n) != f]
+        if missing:
+            _fail(index, f"does not list tensor {missing[0]!r} of {os.path.basename(f)}", "re-save the model")
+    return files
+
+
+def _check_tensors(path: str, shape: ModelShape, files: dict[str, str]) -> torch.dtype:
+    """Every canonical tensor present with its shape and one dtype; nothing unknown."""
+    from safetensors import safe_open
+
+    expected = shape.canonical_shapes()
+    actual: dict[str, tuple[tuple[int, ...], str]] = {}
+    for f in sorted(set(files.values())):
+        with safe_open(f, framework="pt") as h:
+            for n in h.keys():
+                sl = h.get_slice(n)
+                actual[n] = (tuple(sl.get_shape()), sl.get_dtype())
+    emb = actual.get("model.embed_tokens.weight")
+    if emb and emb[0][0] != shape.vocab:
+        _fail(os.path.join(path, "config.json") + ": vocab_size",
+              f"vocab mismatch: config says {shape.vocab} but model.embed_tokens.weight has {emb[0][0]} rows",
+              "make config.json's vocab_size equal the embedding rows (resize_token_embeddings, then re-save)")
+    for n, s in expected.items():
+        if n not in actual:
+            _fail(path, f"tensor {n!r} is missing from the safetensors files",
+                  "check config.json matches the weights (layers, tie_word_embeddings, attention_bias)")
+        if actual[n][0] != s:
+            _fail(files[n], f"tensor {n!r} has shape {list(actual[n][0])}, config.json implies {list(s)}",
+                  "check config.json (hidden_size, heads, kv heads, head_dim, intermediate_size) matches the weights")
+    for n in actual:
+        if n not in expected and not n.endswith(IGNORED_SUFFIXES) and not (shape.tied and n == "lm_head.weight"):
+            _fail(files[n], f"unexpected tensor {n!r} for {shape.arch} with this config",
+                  "check config.json (tie_word_embeddings, attention_bias, architecture) matches the weights")
+    dtypes = {actual[n][1] for n in expected}
+    if len(dtypes) != 1:
+        _fail(path, f"tensors have mixed dtypes {sorted(dtypes)}", "re-save the model in one dtype")
+    st = dtypes.pop()
+    by_st = {v: k for k, v in _ST_DTYPES.items()}
+    if st not in by_st:
+        _fail(path, f"tensor dtype {st} is not supported", f"re-save the model in one of {sorted(by_st)}")
+    return by_st[st]
+
+
+def open_hf(path: str, *, tokenizer_check: bool = True) -> HFCheckpoint:
+    """Validate an HF checkpoint directory and return a lazy reader of it."""
+    path = os.path.abspath(path)
+    if not os.path.isdir(path):
+        _fail(path, "HF checkpoint directory does not exist",
+              "pass the directory that holds config.json and model*.safetensors")
+    cfg = _load_config(path)
+    try:
+        shape = ModelShape.from_hf_config(cfg)
+    except LayoutError as e:
+        _fail(os.path.join(path, "config.json"), str(e).split("; fix:")[0], "convert a supported architecture")
+    files = _weight_files(path)
+    dtype = _check_tensors(path, shape, files)
+    if tokenizer_check:
+        _check_tokenizer(path, shape.vocab)
+    return HFCheckpoint(path, cfg, shape, files, dtype)
+
+
+def _check_tokenizer(path: str, vocab: int) -> None:
+    """A tokenizer whose ids exceed the model's vocab is a vocab mismatch (no work done yet)."""
+    tok = os.path.join(path, "tokenizer.json")
+    if not os.path.isfile(tok):
+        return
+    try:
+        with open(tok) as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        _fail(tok, f"is not valid JSON ({e})", "restore the tokenizer files from the original model")
+    ids = list((data.get("model") or {}).get("vocab", {}).values() if isinstance(
+        (data.get("model") or {}).get("vocab"), dict) else [])
+    ids += [t.get("id", 0) for t in data.get("added_tokens", [])]
+    if ids and max(ids) >= vocab:
+        _fail(tok, f"vocab mismatch: tokenizer has token id {max(ids)} but config.json vocab_size is {vocab}",
+              "resize the model's embeddings to the tokenizer (resize_token_embeddings) and re-save")
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return _TORCH_DTYPES[name.replace("torch.", "")]
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing.
+
+
+class SafetensorsStreamWriter:
+    """Write known tensors, in a fixed order, one at a time, into HF safetensors shards.
+
+    ``shapes`` fixes names, order and shapes up front, so each shard's header is written
+    before its data; :meth:`write` must be called once per name, in ``names`` order.
+    """
+
+    def __init__(self, out_dir: str, *, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype,
+                 max_shard_bytes: int = 5 * 2**30):
+        self.out_dir, self.dtype, self.names = out_dir, dtype, list(shapes)
+        self.shapes = dict(shapes)
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        shards: list[list[str]] = [[]]
+        size = 0
+        for n in self.names:
+            nbytes = itemsize * _numel(shapes[n])
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append(n)
+            size += nbytes
+        k = len(shards)
+        self.file_of = {}
+        self.shard_files = [SINGLE if k == 1 else f"model-{i + 1:05d}-of-{k:05d}.safetensors" for i in range(k)]
+        for fname, names in zip(self.shard_files, shards):
+            for n in names:
+                self.file_of[n] = fname
+        self._shards = list(zip(self.shard_files, shards))
+        self._next = 0
+        self._fh = None
+        self._total = sum(itemsize * _numel(s) for s in shapes.values())
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+        if exc_type is None:
+            self.close()
+
+    def _open_shard(self, fname: str, names: list[str]) -> None:
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        header, off = {}, 0
+        for n in names:
+            nbytes = itemsize * _numel(self.shapes[n])
+            header[n] = {"dtype": _ST_DTYPES[self.dtype], "shape": list(self.shapes[n]), "data_offsets": [off, off + nbytes]}
+            off += nbytes
+        header["__metadata__"] = {"format": "pt"}
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the data buffer starts 8-byte aligned
+        self._fh = open(os.path.join(self.out_dir, fname), "wb")
+        self._fh.write(struct.pack("<Q", len(raw)) + raw)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if self._next >= len(self.names) or self.names[self._next] != name:
+            raise RuntimeError(f"SafetensorsStreamWriter: got {name!r}, expected "
+                               f"{self.names[self._next] if self._next < len(self.names) else 'no more tensors'}")
+        if tuple(tensor.shape) != tuple(self.shapes[name]):
+            raise RuntimeError(f"{name}: shape {tuple(tensor.shape)} != {self.shapes[name]}")
+        fname = self.file_of[name]
+        if self._fh is None or os.path.basename(self._fh.name) != fname:
+            if self._fh is not None:
+                _close_synced(self._fh)
+            shard = next(ns for f, ns in self._shards if f == fname)
+            self._open_shard(fname, shard)
+        t = tensor.detach().to(dtype=self.dtype, device="cpu").contiguous()
+        self._fh.write(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        self._next += 1
+
+    def close(self) -> None:
+        if self._next != len(self.names):
+            raise RuntimeError(f"SafetensorsStreamWriter closed after {self._next} of {len(self.names)} tensors")
+        if self._fh is not None:
+            _close_synced(self._fh)
+            self._fh = None
+        if len(self.shard_files) > 1:
+            index = {"metadata": {"total_size": self._total}, "weight_map": self.file_of}
+            _write_json(os.path.join(self.out_dir, INDEX), index)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _close_synced(fh) -> None:
+    fh.flush()
+    os.fsync(fh.fileno())
+    fh.close()
+
+
+def _write_json(path: str, obj) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", INDEX, "pytorch_model.bin.index.json")
+
+
+def copy_hf_extras(src_dir: str, dst_dir: str) -> list[str]:
+    """Copy config, generation config and tokenizer files (every small non-weight file)."""
+    weights = {os.path.basename(p) for pat in WEIGHT_PATTERNS for p in glob.glob(os.path.join(src_dir, pat))}
+    copied = []
+    for name in sorted(os.listdir(src_dir)):
+        src = os.path.join(src_dir, name)
+        if name.startswith(".") or name in weights or not os.path.isfile(src):
+            continue
+        shutil.copyfile(src, os.path.join(dst_dir, name))
+        copied.append(name)
+    return copied
+
+
+# ---------------------------------------------------------------------------------------------
+# Atomic output directories.
+
+
+def partial_prefix(out_dir: str) -> str:
+    out_dir = os.path.abspath(out_dir)
+    return os.path.join(os.path.dirname(out_dir), f".{os.path.basename(out_dir)}.partial-")
+
+
+def check_output_dir(out_dir: str, *, overwrite: bool = False, flag: str = "--out") -> None:
+    """Fail before any work when the output exists (unless ``overwrite``) or its parent is missing."""
+    out_dir = os.path.abspath(out_dir)
+    if os.path.exists(out_dir) and not overwrite:
+        _fail(f"{flag} {out_dir}", "output directory already exists",
+              "choose a new output path, or pass --overwrite to replace it")
+    parent = os.path.dirname(out_dir)
+    if not os.path.isdir(parent):
+        _fail(f"{flag} {out_dir}", f"parent directory {parent} does not exist", "create it first")
+    if not os.access(parent, os.W_OK):
+        _fail(f"{flag} {out_dir}", f"parent directory {parent} is not writable", "choose a writable location")
+
+
+def clean_stale_partials(out_dir: str) -> list[str]:
+    """Remove temporary siblings left by killed runs on this host (their pid is gone)."""
+    removed = []
+    host = socket.gethostname()
+    for p in glob.glob(partial_prefix(out_dir) + "*"):
+        tail = p[len(partial_prefix(out_dir)):]
+        h, _, pid = tail.rpartition("-")
+        if h == host and pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def make_partial_dir(out_dir: str) -> str:
+    """A fresh hidden sibling of ``out_dir`` to write into (named after this host and pid)."""
+    clean_stale_partials(out_dir)
+    tmp = f"{partial_prefix(out_dir)}{socket.gethostname()}-{os.getpid()}"
+    if os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    os.makedirs(tmp)
+    return tmp
+
+
+def publish_dir(tmp: str, out_dir: str, *, overwrite: bool = False) -> None:
+    """fsync every file under ``tmp``, then rename it to ``out_dir`` (replacing it if asked)."""
+    out_dir = os.path.abspath(out_dir)
+    for root, _, names in os.walk(tmp):
+        for n in names:
+            fd = os.open(os.path.join(root, n), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(root)
+    old = None
+    if os.path.exists(out_dir):
+        if not overwrite:
+            _fail(out_dir, "appeared while converting", "choose a new output path, or pass --overwrite")
+        old = tmp + ".old"
+        os.rename(out_dir, old)
+    os.rename(tmp, out_dir)
+    _fsync_dir(os.path.dirname(out_dir))
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_dir(out_dir: str, *, overwrite: bool = False):
+    """Yield a temporary directory that becomes ``out_dir`` only if the block succeeds."""
+    check_output_dir(out_dir, overwrite=overwrite)
+    tmp = make_partial_dir(out_dir)
+    try:
+        yield tmp
+        publish_dir(tmp, out_dir, overwrite=overwrite)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,258 @@
+"""Tier 1: checkpoint validation, atomic writes and the canonical gather plan (no torchrun).
+
+Every bad input must fail in the launching process, before any rank starts, with ONE line that
+names the file or field and the fix; the texts are asserted. Crashes mid-write (an exception, and
+a real SIGKILL) must leave no output directory.
+"""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from megatron_rl.checkpoint import CheckpointError, convert
+from megatron_rl.checkpoint import hf as hfio
+from megatron_rl.checkpoint import megatron as mio
+from megatron_rl.models.tiny import make_tiny_model
+from megatron_rl.parallel.grid import RankGrid
+from megatron_rl.resharding.layout import ModelShape, megatron_layout
+
+pytestmark = pytest.mark.unit
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def models(tiny_models):
+    return {f: tiny_models[f] for f in ("llama", "qwen2")}
+
+
+def _copy(src, dst, **config_changes):
+    shutil.copytree(src, dst)
+    if config_changes:
+        path = os.path.join(dst, "config.json")
+        cfg = json.load(open(path))
+        cfg.update(config_changes)
+        json.dump(cfg, open(path, "w"))
+    return str(dst)
+
+
+def _fake_megatron(src_hf, dst, **meta_changes):
+    """A Megatron checkpoint directory as far as validation reads it (no tensors)."""
+    os.makedirs(os.path.join(dst, mio.HF_SUBDIR))
+    hfio.copy_hf_extras(src_hf, os.path.join(dst, mio.HF_SUBDIR))
+    shape = hfio.open_hf(src_hf).shape
+    meta = dict(tp=2, pp=2, vocab_divisible_by=128, padded_vocab=256, param_dtype="float32", hf_dtype="float32",
+                shape=dict(shape.__dict__), versions={})
+    meta.update(meta_changes)
+    mio.write_meta(str(dst), mio.MegatronMeta(**meta))
+    open(os.path.join(dst, "metadata.json"), "w").write('{"sharded_backend": "torch_dist"}')
+    return str(dst)
+
+
+def _run_bad(argv, capsys, monkeypatch):
+    """Run the CLI; it must fail before launching anything, with exactly one error line."""
+    def no_launch(*a, **k):
+        raise AssertionError("torchrun was launched for a bad input")
+    monkeypatch.setattr(convert, "_torchrun", no_launch)
+    capsys.readouterr()
+    rc = convert.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, (rc, err)
+    assert err[0].startswith("error: ") and "; fix: " in err[0], err[0]
+    return err[0]
+
+
+def test_bad_inputs_fail_before_work_with_one_clear_line(models, tmp_path, capsys, monkeypatch):
+    llama, qwen2 = models["llama"], models["qwen2"]
+    out = str(tmp_path / "out")
+    h2m = ["hf-to-megatron", "--out", out]
+    cases = {}
+    # 1. TP that does not divide the query groups (qwen2 has 2 kv heads).
+    cases["tp vs groups"] = (h2m + ["--src", qwen2, "--tp", "4"], ["--tp 4", "num_query_groups=2", "fix: choose a tp"])
+    # 2. PP that does not divide the layers.
+    cases["pp vs layers"] = (h2m + ["--src", llama, "--tp", "1", "--pp", "3"], ["--pp 3", "num_hidden_layers=4"])
+    # 3. Unknown architecture.
+    mistral = _copy(llama, tmp_path / "mistral", architectures=["MistralForCausalLM"])
+    cases["architecture"] = (h2m + ["--src", mistral, "--tp", "1"],
+                             ["mistral/config.json: architectures", "'MistralForCausalLM'", "LlamaForCausalLM"])
+    # 4. Vocab mismatch between config and embedding.
+    vocab = _copy(llama, tmp_path / "vocab", vocab_size=300)
+    cases["vocab"] = (h2m + ["--src", vocab, "--tp", "1"], ["config.json: vocab_size", "vocab mismatch", "250 rows"])
+    # 5. Truncated safetensors.
+    trunc = _copy(llama, tmp_path / "trunc")
+    with open(os.path.join(trunc, "model.safetensors"), "r+b") as f:
+        f.truncate(os.path.getsize(os.path.join(trunc, "model.safetensors")) // 2)
+    cases["truncated"] = (h2m + ["--src", trunc, "--tp", "1"], ["trunc/model.safetensors", "truncated or corrupt"])
+    # 6. Missing weights file, and a missing directory.
+    nofile = _copy(llama, tmp_path / "nofile")
+    os.remove(os.path.join(nofile, "model.safetensors"))
+    cases["missing file"] = (h2m + ["--src", nofile, "--tp", "1"], ["nofile/model.safetensors", "missing"])
+    cases["missing dir"] = (h2m + ["--src", str(tmp_path / "nope"), "--tp", "1"], ["nope", "does not exist"])
+    # 7. A missing tensor, and a mis-shaped one (config disagrees with the weights).
+    notensor = _copy(llama, tmp_path / "notensor")
+    sd = load_file(os.path.join(llama, "model.safetensors"))
+    del sd["model.layers.2.mlp.up_proj.weight"]
+    save_file(sd, os.path.join(notensor, "model.safetensors"), metadata={"format": "pt"})
+    cases["missing tensor"] = (h2m + ["--src", notensor, "--tp", "1"], ["'model.layers.2.mlp.up_proj.weight' is missing"])
+    ffn = _copy(llama, tmp_path / "ffn", intermediate_size=96)
+    cases["shape"] = (h2m + ["--src", ffn, "--tp", "1"], ["has shape [", "implies [96", "intermediate_size"])
+    # 8. Corrupt config.json and corrupt Megatron metadata.
+    badjson = _copy(llama, tmp_path / "badjson")
+    open(os.path.join(badjson, "config.json"), "w").write("{not json")
+    cases["config json"] = (h2m + ["--src", badjson, "--tp", "1"], ["badjson/config.json", "not valid JSON"])
+    corrupt = _fake_megatron(llama, tmp_path / "corrupt")
+    open(os.path.join(corrupt, mio.META), "w").write('{"tp": 2')
+    cases["corrupt meta"] = (["megatron-to-hf", "--src", corrupt, "--out", out], ["corrupt/megatron_rl.json", "corrupt metadata"])
+    # 9. A half-written Megatron checkpoint (dist-checkpointing's metadata.json never written).
+    half = _fake_megatron(llama, tmp_path / "half")
+    os.remove(os.path.join(half, "metadata.json"))
+    cases["half-written"] = (["megatron-to-hf", "--src", half, "--out", out], ["half/metadata.json", "incomplete"])
+    # 10. Output directory exists.
+    os.makedirs(tmp_path / "exists")
+    cases["out exists"] = (["hf-to-megatron", "--src", llama, "--tp", "1", "--out", str(tmp_path / "exists")],
+                           ["--out", "exists", "already exists", "--overwrite"])
+    # 11. Reshard to a TP the model does not allow.
+    good = _fake_megatron(qwen2, tmp_path / "good")
+    cases["reshard tp"] = (["reshard", "--src", good, "--out", out, "--tp", "4"], ["--tp 4", "num_query_groups=2"])
+    # 12. Tokenizer larger than the model's vocab.
+    small = make_tiny_model(str(tmp_path / "small"), family="llama", vocab_size=64)
+    cases["tokenizer vocab"] = (h2m + ["--src", small, "--tp", "1"], ["small/tokenizer.json", "vocab mismatch", "64"])
+    # 13. A vocab padding that would change with TP.
+    cases["vocab divisible"] = (h2m + ["--src", llama, "--tp", "4", "--vocab-divisible-by", "6"],
+                                ["--vocab-divisible-by 6", "multiple of --tp 4"])
+    # 14. A plain dist checkpoint (no megatron_rl.json) that never finished writing, named by --hf-config.
+    os.makedirs(tmp_path / "plain")
+    cases["plain half"] = (["megatron-to-hf", "--src", str(tmp_path / "plain"), "--out", out, "--hf-config", llama],
+                           ["plain/metadata.json", "not a complete megatron-core dist checkpoint"])
+    for name, (argv, needles) in cases.items():
+        line = _run_bad(argv, capsys, monkeypatch)
+        for needle in needles:
+            assert needle in line, f"{name}: {needle!r} not in {line!r}"
+        assert not os.path.exists(out), name
+    # 15. World size != TP*PP under torchrun.
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    line = _run_bad(h2m + ["--src", llama, "--tp", "2", "--pp", "2"], capsys, monkeypatch)
+    assert "WORLD_SIZE=3 != TP*PP = 2*2 = 4" in line and "--nproc-per-node 4" in line
+    assert len(cases) + 1 >= 8
+
+
+def test_help_lists_modes(capsys):
+    with pytest.raises(SystemExit) as e:
+        convert.main(["--help"])
+    text = capsys.readouterr().out
+    assert e.value.code == 0 and all(m in text for m in ("hf-to-megatron", "megatron-to-hf", "reshard"))
+    r = subprocess.run([sys.executable, os.path.join(REPO, "tools", "convert_checkpoint.py"), "reshard", "--help"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "--tp" in r.stdout and "--src" in r.stdout
+
+
+def test_stream_writer_is_loadable_sharded_and_exact(models, tmp_path):
+    """Our streaming writer: sharded output with an index, bitwise tensors, transformers loads it."""
+    from transformers import AutoModelForCausalLM
+
+    ckpt = hfio.open_hf(models["qwen2"])
+    out = str(tmp_path / "qwen2-copy")
+    with hfio.atomic_dir(out) as tmp:
+        with hfio.SafetensorsStreamWriter(tmp, shapes=ckpt.shape.canonical_shapes(), dtype=ckpt.dtype,
+                                          max_shard_bytes=300_000) as w:
+            for name in w.names:
+                w.write(name, ckpt.tensor(name))
+        hfio.copy_hf_extras(ckpt.path, tmp)
+    assert len(w.shard_files) > 1 and os.path.isfile(os.path.join(out, hfio.INDEX))
+    copy = hfio.open_hf(out)
+    for name in ckpt.shape.canonical_shapes():
+        assert torch.equal(copy.tensor(name), ckpt.tensor(name)), name
+    # slice reads equal narrowing the whole tensor, along both dims
+    full = ckpt.tensor("model.layers.1.self_attn.o_proj.weight")
+    assert torch.equal(copy.read("model.layers.1.self_attn.o_proj.weight", 1, 8, 24), full[:, 8:32])
+    tokens = torch.tensor([[1, 5, 9, 30, 44, 2]])
+    a, b = (AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32) for p in (ckpt.path, out))
+    with torch.no_grad():
+        assert torch.equal(a(tokens).logits, b(tokens).logits)
+
+
+def test_exception_mid_write_leaves_no_output(models, tmp_path):
+    ckpt = hfio.open_hf(models["llama"])
+    out = str(tmp_path / "never")
+    with pytest.raises(RuntimeError, match="injected"):
+        with hfio.atomic_dir(out) as tmp:
+            with hfio.SafetensorsStreamWriter(tmp, shapes=ckpt.shape.canonical_shapes(), dtype=ckpt.dtype) as w:
+                for i, name in enumerate(w.names):
+                    if i == 10:
+                        raise RuntimeError("injected failure after 10 tensors")
+                    w.write(name, ckpt.tensor(name))
+    assert os.listdir(tmp_path) == []  # neither the output nor its temporary sibling
+
+
+def test_cli_failed_ranks_leave_no_output(models, tmp_path, monkeypatch, capsys):
+    """The launching parent removes the temporary output when the ranks fail mid-conversion."""
+    seen = {}
+
+    def failing_torchrun(argv, nproc):
+        tmp = argv[argv.index("--_tmp") + 1]
+        open(os.path.join(tmp, "__0_0.distcp"), "wb").write(b"half")
+        seen["tmp"], seen["nproc"] = tmp, nproc
+        return 1
+    monkeypatch.setattr(convert, "_torchrun", failing_torchrun)
+    out = str(tmp_path / "m")
+    rc = convert.main(["hf-to-megatron", "--src", models["llama"], "--out", out, "--tp", "2", "--pp", "2"])
+    assert rc == 1 and seen["nproc"] == 4
+    assert not os.path.exists(out) and not os.path.exists(seen["tmp"])
+    assert "no output written" in capsys.readouterr().err
+
+
+def test_sigkill_mid_write_leaves_no_output_and_next_run_succeeds(models, tmp_path):
+    out = str(tmp_path / "killed")
+    worker = os.path.join(REPO, "tests", "workers", "ckpt_kill.py")
+    src = os.path.join(models["llama"], "model.safetensors")
+    proc = subprocess.Popen([sys.executable, worker, src, out], stdout=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONPATH=REPO))
+    try:
+        assert proc.stdout.readline().strip() == "WRITING"  # the worker has written some tensors
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    partial = [p for p in os.listdir(tmp_path) if p.startswith(".killed.partial-")]
+    assert not os.path.exists(out) and len(partial) == 1  # only a hidden temporary sibling remains
+    assert os.path.getsize(os.path.join(tmp_path, partial[0], "model.safetensors")) > 0
+    with pytest.raises(CheckpointError):
+        hfio.open_hf(os.path.join(tmp_path, partial[0]))  # it really is half-written
+    # The next run into the same output succeeds and removes the dead run's temporary directory.
+    ckpt = hfio.open_hf(models["llama"])
+    with hfio.atomic_dir(out) as tmp:
+        with hfio.SafetensorsStreamWriter(tmp, shapes=ckpt.shape.canonical_shapes(), dtype=ckpt.dtype) as w:
+            for name in w.names:
+                w.write(name, ckpt.tensor(name))
+        hfio.copy_hf_extras(ckpt.path, tmp)
+    assert sorted(os.listdir(tmp_path)) == ["killed"]
+    assert hfio.open_hf(out).shape == ckpt.shape
+
+
+@pytest.mark.parametrize("family,tied", [("llama", False), ("qwen2", True), ("qwen3", False), ("llama", True)])
+def test_canonical_pieces_tile_every_tensor_once(family, tied):
+    """One source per canonical region, across TP, PP (tied embedding on two stages) and DP copies."""
+    from megatron_rl.models.tiny import tiny_hf_config
+
+    shape = ModelShape.from_hf_config(tiny_hf_config(family, tied=tied))
+    for tp, pp, world in [(1, 1, 1), (2, 2, 4), (2, 1, 4), (1, 4, 8), (2, 2, 8)]:
+        if shape.kv_heads % tp:
+            continue
+        grid = RankGrid(world_size=world, tp=tp, pp=pp)
+        lay = megatron_layout(shape, grid)
+        pieces = mio.canonical_pieces(lay)
+        assert set(pieces) == set(shape.canonical_shapes())
+        for name, ps in pieces.items():
+            total = sum(p.block.length for p in ps)
+            assert total == shape.canonical_shapes()[name][ps[0].dim], (name, tp, pp)
+            assert all(grid.coords(p.rank).dp == 0 for p in ps)  # DP replicas are never sources
+        emb = pieces["model.embed_tokens.weight"]
+        assert {p.local for p in emb} == {"embedding.word_embeddings.weight"}  # never the tied last-stage copy
