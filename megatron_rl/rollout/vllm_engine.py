@@ -1,0 +1,321 @@
+"""vLLM as the rollout engine, SPMD: one vLLM worker per torchrun rank (``external_launcher``).
+
+The world is split into ``world / tp`` replicas of TP = ``rollout.tp`` (vLLM's layout:
+``rank = replica * tp + tp_rank``). Each replica generates its contiguous share of the
+prompts; results are all-gathered so every rank returns all of them, in prompt order.
+
+Release/resume: on CUDA vLLM's sleep mode (level 1 = offload weights, 2 = discard) and
+``wake_up(tags)``. On CPU, where sleep is a no-op, we free the KV cache and the weights
+ourselves (:mod:`cpu_memory`, :mod:`vllm_weights`); offloaded weights go to a file in the
+run directory (on CPU the host *is* the device, so only a file takes them out of RSS).
+Every lifecycle call is collective: tags and states are all-gathered (a mismatch raises
+on every rank), and the call ends in a monitored barrier with a timeout.
+
+torch.distributed (and megatron's parallel state) must exist before this engine.
+
+Usage::
+
+    engine = VllmEngine(model_path, cfg=config.rollout, run_dir="runs/x")
+    outs = engine.generate([[1, 5, 7]], sampling=Sampling(temperature=0, max_new_tokens=8))
+    engine.release(["kv_cache", "weights"]); engine.resume(["weights"]) ...
+"""
+from __future__ import annotations
+
+import os
+import time
+import zlib
+from copy import deepcopy
+from dataclasses import replace
+from datetime import timedelta
+from typing import Iterable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from megatron_rl.rollout import cpu_memory
+from megatron_rl.rollout.base import (EngineStateError, Generation, MemoryReport, RolloutEngine, Sampling,
+                                      check_tags)
+from megatron_rl.rollout.lifecycle import Lifecycle
+from megatron_rl.rollout.vllm_weights import VllmWeights, WeightUpdateError
+
+
+def _set_env(cfg, run_dir: str) -> None:
+    """Settings vLLM reads from the environment; existing values win."""
+    cache = os.path.join(os.path.abspath(run_dir), ".cache")
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cfg.omp_threads_bind)
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(cache, "inductor"))
+    os.environ.setdefault("VLLM_CACHE_ROOT", os.path.join(cache, "vllm"))
+
+
+def _unique_shm_names() -> None:
+    """Prefix vLLM's CPU shared-memory segment names with this job's rendezvous port.
+
+    vLLM names them after the TP group only, so two concurrent jobs (or a crashed run's
+    leftovers) collide with errno 17. Idempotent; CPU only.
+    """
+    from vllm.distributed.device_communicators.cpu_communicator import _CPUSHMDistributed
+
+    if getattr(_CPUSHMDistributed.make_group_name, "_mrl_prefixed", False):
+        return
+    original = _CPUSHMDistributed.make_group_name
+    job = f"mrl{os.environ.get('MASTER_PORT', '0')}p{os.getppid()}"
+
+    def make_group_name(communicator):
+        return f"{job}-{original(communicator).lstrip('/')}".replace("/", "_")
+
+    make_group_name._mrl_prefixed = True
+    _CPUSHMDistributed.make_group_name = staticmethod(make_group_name)
+
+
+class VllmEngine(RolloutEngine):
+    """The vLLM rollout engine for one rank of an SPMD job."""
+
+    def __init__(self, model_path: str, *, cfg, run_dir: str, dtype: str = "float32",
+                 timeout_s: float = 300.0):
+        if not dist.is_initialized():
+            raise EngineStateError("initialise torch.distributed (and megatron parallel state) before VllmEngine")
+        self.cfg, self.run_dir, self.timeout = cfg, run_dir, timedelta(seconds=timeout_s)
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        if self.world % cfg.tp:
+            raise EngineStateError(f"rollout.tp={cfg.tp} does not divide the world size {self.world}")
+        self.replicas, self.replica, self.tp_rank = self.world // cfg.tp, self.rank // cfg.tp, self.rank % cfg.tp
+        self.cuda = torch.cuda.is_available()
+        self.group = dist.new_group(backend="gloo", timeout=self.timeout)  # control plane, collective
+        _set_env(cfg, run_dir)
+        if not self.cuda:
+            _unique_shm_names()
+        self.llm = self._make_llm(model_path, dtype)
+        self.worker = self.llm.llm_engine.model_executor.driver_worker.worker
+        self.weights = VllmWeights(self.worker.model_runner.get_model(), cpu=not self.cuda)
+        self._kv_config = deepcopy(self.worker.model_runner.kv_cache_config)
+        self.lc = Lifecycle(weights_release=cfg.weights_release, dummy=cfg.load_format == "dummy")
+        self._calls = 0
+        self._sync_dirty = False
+        self.reports: list[MemoryReport] = [self.memory("started")]
+
+    def _make_llm(self, model_path: str, dtype: str):
+        from vllm import LLM
+
+        c = self.cfg
+        kw = dict(model=model_path, tensor_parallel_size=c.tp, distributed_executor_backend="external_launcher",
+                  dtype=dtype, max_model_len=c.max_model_len, enforce_eager=c.enforce_eager, seed=c.seed,
+                  load_format=c.load_format, disable_log_stats=True)
+        if self.cuda:
+            kw.update(gpu_memory_utilization=c.gpu_memory_utilization, enable_sleep_mode=True)
+        else:
+            kw.update(kv_cache_memory_bytes=c.kv_cache_bytes)
+        return LLM(**kw)
+
+    # -- collectives ------------------------------------------------------------------------------
+
+    def _gather(self, obj) -> list:
+        out = [None] * self.world
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
+    def _agree(self, op: str, tags: tuple, error: Optional[str] = None) -> None:
+        """All ranks must call ``op`` with the same tags from the same state, error-free."""
+        seen = self._gather((tags, self.lc.state.short(), error))
+        if len({(t, s) for t, s, _ in seen}) > 1:
+            per_rank = "; ".join(f"rank {r}: tags={list(t)} state=({s})" for r, (t, s, _) in enumerate(seen))
+            raise EngineStateError(f"{op}: ranks disagree ({per_rank}); every rank must call {op} "
+                                   "together with the same tags")
+        errors = [(r, e) for r, (_, _, e) in enumerate(seen) if e]
+        if errors:
+            raise EngineStateError(f"{op} failed on rank(s) {[r for r, _ in errors]}: {errors[0][1]}")
+
+    def _barrier(self) -> None:
+        dist.monitored_barrier(group=self.group, timeout=self.timeout)
+
+    # -- generation -------------------------------------------------------------------------------
+
+    def generate(self, prompts: Sequence[Sequence[int]], *, sampling: Sampling) -> list[Generation]:
+        self.lc.check_generate()
+        prompts = [[int(t) for t in p] for p in prompts]
+        digest = zlib.crc32(repr(prompts).encode())
+        self._agree("generate", (len(prompts), digest))
+        base = sampling.seed if sampling.seed is not None else (self.cfg.seed * 1_000_003 + self._calls) % (1 << 30)
+        self._calls += 1
+        lo, hi = self._share(len(prompts))
+        mine = self._generate_local(prompts[lo:hi], sampling, seeds=[base + i for i in range(lo, hi)])
+        per_rank = self._gather(mine if self.tp_rank == 0 else None)
+        return [g for r in range(0, self.world, self.cfg.tp) for g in per_rank[r]]
+
+    def _share(self, n: int) -> tuple[int, int]:
+        """Contiguous split (keeps a prompt's group on one replica, so its prefix is shared)."""
+        q, extra = divmod(n, self.replicas)
+        lo = self.replica * q + min(self.replica, extra)
+        return lo, lo + q + (1 if self.replica < extra else 0)
+
+    def _generate_local(self, prompts: list, sampling: Sampling, *, seeds: list[int]) -> list[Generation]:
+        from vllm import SamplingParams
+
+        if not prompts:
+            return []
+        params = [SamplingParams(max_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
+                                 top_p=sampling.top_p, seed=s, logprobs=0,
+                                 prompt_logprobs=0 if sampling.prompt_logprobs else None,
+                                 stop_token_ids=list(sampling.stop_token_ids)) for s in seeds]
+        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        result = []
+        for p, o in zip(prompts, outs):
+            c = o.outputs[0]
+            toks = list(c.token_ids)
+            lps = [float(c.logprobs[i][t].logprob) for i, t in enumerate(toks)]
+            plp = None
+            if sampling.prompt_logprobs:
+                plp = [None if d is None else float(d[p[i]].logprob) for i, d in enumerate(o.prompt_logprobs)]
+            result.append(Generation(prompt=p, tokens=toks, logprobs=lps, prompt_logprobs=plp,
+                                     finish_reason=str(c.finish_reason)))
+        return result
+
+    # -- release / resume -------------------------------------------------------------------------
+
+    def release(self, tags: Iterable[str]) -> MemoryReport:
+        tags = check_tags(tags)
+        self._agree("release", tags)
+        self.lc.check_release(tags)
+        if not self.cuda:
+            cpu_memory.return_memory_to_os()  # so the drop measured below is this release's alone
+        before = self.memory("before_release")
+        t0, error = time.perf_counter(), None
+        try:
+            self._cuda_release(tags) if self.cuda else self._cpu_release(tags)
+        except Exception as e:  # reported on every rank below, so none is left waiting
+            error = f"{type(e).__name__}: {e}"
+        self._agree("release", tags, error)
+        self.lc.did_release(tags)
+        self._barrier()
+        return self._record("released:" + "+".join(tags), before, time.perf_counter() - t0)
+
+    def resume(self, tags: Iterable[str]) -> MemoryReport:
+        tags = check_tags(tags)
+        self._agree("resume", tags)
+        self.lc.check_resume(tags)
+        before = self.memory("before_resume")
+        t0, error = time.perf_counter(), None
+        try:
+            self._cuda_resume(tags) if self.cuda else self._cpu_resume(tags)
+            self.reset_prefix_cache()
+        except Exception as e:
+            error = f"{type(e).__name__}: {e}"
+        self._agree("resume", tags, error)
+        self.lc.did_resume(tags)
+        self._barrier()
+        return self._record("resumed:" + "+".join(tags), before, time.perf_counter() - t0)
+
+    def _offload_path(self) -> str:
+        return os.path.join(os.path.abspath(self.run_dir), "rollout-offload", f"rank{self.rank}.pt")
+
+    def _cpu_release(self, tags: tuple) -> None:
+        if "weights" in tags:
+            if self.cfg.weights_release == "offload" and self.lc.state.weights == "live":
+                path = self._offload_path()
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                torch.save(self.weights.read_shards(), path)
+            self.weights.drop()
+        if "kv_cache" in tags:
+            cpu_memory.free_kv_cache(self.worker)
+        cpu_memory.return_memory_to_os()
+
+    def _cpu_resume(self, tags: tuple) -> None:
+        if "weights" in tags:
+            self.weights.allocate()
+            if self.lc.state.weights == "offloaded":
+                shards = torch.load(self._offload_path(), mmap=True)
+                self.weights.begin_weight_update()
+                self.weights.load_shards(shards.items())
+                self.weights.end_weight_update(require_all=True)
+                del shards
+                os.remove(self._offload_path())
+        if "kv_cache" in tags:
+            cpu_memory.rebuild_kv_cache(self.worker, self._kv_config)
+        cpu_memory.return_memory_to_os()
+
+    def _cuda_release(self, tags: tuple) -> None:
+        if set(tags) != {"kv_cache", "weights"}:
+            raise EngineStateError("on CUDA, vLLM's sleep releases the KV cache and the weights together; "
+                                   "release(['kv_cache', 'weights'])")
+        self.llm.sleep(level=1 if self.cfg.weights_release == "offload" else 2)
+
+    def _cuda_resume(self, tags: tuple) -> None:
+        self.llm.wake_up(tags=list(tags))
+
+    # -- weights ----------------------------------------------------------------------------------
+
+    def begin_weight_update(self) -> None:
+        self._agree("begin_weight_update", ())
+        self.lc.did_begin_sync()
+        self.weights.begin_weight_update()
+
+    def load_shards(self, shards: Iterable[tuple[str, torch.Tensor]]) -> int:
+        if not self.lc.state.syncing:
+            raise EngineStateError("load_shards() outside begin_weight_update()/end_weight_update()")
+        try:
+            return self.weights.load_shards(shards)
+        except WeightUpdateError:
+            self._sync_dirty = True  # a bucket may be half-written: this sync must now fill everything
+            raise
+
+    def end_weight_update(self) -> None:
+        need_all, self._sync_dirty, error = self.lc.sync_needs_all() or self._sync_dirty, False, None
+        try:
+            self.weights.end_weight_update(require_all=need_all)
+            self.reset_prefix_cache()
+        except WeightUpdateError as e:
+            error = str(e)
+        self._finish_sync("end_weight_update", error)
+
+    def update_weights(self, hf_named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        self._agree("update_weights", ())
+        self.lc.did_begin_sync()
+        error = None
+        try:
+            self.weights.update_weights_hf(self.worker, hf_named_tensors)
+            self.reset_prefix_cache()
+        except Exception as e:
+            error = f"{type(e).__name__}: {e}"
+        self._finish_sync("update_weights", error)
+
+    def _finish_sync(self, op: str, error: Optional[str]) -> None:
+        """Close a sync on every rank; any rank's failure leaves all of them awaiting a full sync."""
+        errors = [(r, e) for r, e in enumerate(self._gather(error)) if e]
+        self.lc.did_end_sync(complete=not errors)
+        if errors:
+            self.lc.state.weights = "awaiting_sync"  # not exact until a complete sync
+            raise EngineStateError(f"{op} failed on rank(s) {[r for r, _ in errors]}: {errors[0][1]}")
+        self._barrier()
+
+    def reset_prefix_cache(self) -> None:
+        if not self.llm.reset_prefix_cache():
+            raise EngineStateError("vLLM refused to reset the prefix cache (requests still running)")
+
+    def set_weights_release(self, mode: str) -> None:
+        """Switch between ``offload`` and ``discard`` for later releases (collective)."""
+        self._agree("set_weights_release", (mode,))
+        self.lc.set_mode(mode)
+        self.cfg = replace(self.cfg, weights_release=mode)
+
+    # -- state and accounting ---------------------------------------------------------------------
+
+    @property
+    def state(self):
+        return self.lc.state
+
+    def memory(self, phase: str = "now") -> MemoryReport:
+        kv = cpu_memory.kv_cache_bytes(self.worker)
+        rep = MemoryReport(phase=phase, kv_cache_bytes=kv, weight_bytes=self.weights.nbytes())
+        if self.cuda:
+            rep.allocated, rep.reserved = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
+        else:
+            rep.rss = cpu_memory.rss_bytes()
+        return rep
+
+    def _record(self, phase: str, before: MemoryReport, seconds: float) -> MemoryReport:
+        rep = self.memory(phase)
+        rep.extra = {"seconds": seconds, "kv_cache_bytes_before": before.kv_cache_bytes,
+                     "weight_bytes_before": before.weight_bytes, "rss_before": before.rss,
+                     "allocated_before": before.allocated}
+        self.reports.append(rep)
+        return rep
