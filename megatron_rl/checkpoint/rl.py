@@ -1,0 +1,320 @@
+"""RL checkpoints: the whole training state of a GRPO job, saved atomically, resumed bitwise.
+
+A checkpoint directory ``<root>/step_<k>`` holds
+
+- ``dist/``: one megatron-core ``dist_checkpointing`` (torch_dist) checkpoint of the model chunks
+  *and* the megatron optimizer (its sharded state dict; the distributed optimizer uses the
+  ``fully_reshardable`` format), so both reshard on load like any megatron-core checkpoint;
+- ``rng/rank<r>.pt``: every rank's own RNG states (python, numpy, torch CPU, CUDA if present,
+  megatron's model-parallel RNG tracker);
+- ``state.pt``: the step and the caller's ``extra`` (data position, reward history, ...);
+- ``config.json``: the config the run used (when given);
+- ``COMPLETE``: written last, with metadata (step, world size, time, versions).
+
+Saves are atomic. Every rank writes into ``<root>/step_<k>.tmp-<uuid>``; after all ranks report
+success (a barrier under the process-group timeout), rank 0 writes ``COMPLETE``, fsyncs, and
+renames the directory to ``step_<k>``. A kill at any point before the rename leaves only a
+``.tmp-`` directory, which :func:`latest_checkpoint` never considers and the next save removes.
+Only the ``keep`` newest complete checkpoints are kept.
+
+Fault hook for tests: ``MEGATRON_RL_CKPT_FAULT=<step>`` makes rank 0 SIGKILL its whole process
+group (torchrun and every worker) in the save of that step, after the model and optimizer
+shards are on disk and before ``COMPLETE``.
+
+Usage (every rank, collective)::
+
+    save_rl_checkpoint("runs/x/ckpt", step=9, model=chunks, optimizer=opt, extra={"data": ds.state_dict()})
+    got = load_rl_checkpoint("runs/x/ckpt", model=chunks, optimizer=opt)   # None, or (step, extra)
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import time
+import uuid
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_rl.checkpoint import CheckpointError
+from megatron_rl.checkpoint import megatron as mio
+from megatron_rl.checkpoint.hf import _fsync_dir
+
+COMPLETE = "COMPLETE"
+FAULT_ENV = "MEGATRON_RL_CKPT_FAULT"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+_TMP_DIR = re.compile(r"^step_\d+\.tmp-[0-9a-f]+$")
+FORMAT_VERSION = 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding checkpoints (pure file-system; no process group).
+
+
+def complete_checkpoints(root: str) -> list[tuple[int, str]]:
+    """``[(step, path)]`` of the complete checkpoints under ``root``, oldest first."""
+    if not root or not os.path.isdir(root):
+        return []
+    out = []
+    for name in os.listdir(root):
+        m = _STEP_DIR.match(name)
+        if m and os.path.isfile(os.path.join(root, name, COMPLETE)):
+            out.append((int(m.group(1)), os.path.join(root, name)))
+    return sorted(out)
+
+
+def latest_checkpoint(root: str) -> Optional[str]:
+    """The newest complete checkpoint under ``root`` (half-written ones are ignored), or None."""
+    found = complete_checkpoints(root)
+    return found[-1][1] if found else None
+
+
+def read_complete(path: str) -> dict:
+    with open(os.path.join(path, COMPLETE)) as f:
+        return json.load(f)
+
+
+# ---------------------------------------------------------------------------------------------
+# State pieces.
+
+
+def rng_state() -> dict:
+    """This rank's RNG states: python, numpy, torch CPU, CUDA (if present), megatron's tracker."""
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    try:
+        state["tracker"] = {k: v.clone() for k, v in get_cuda_rng_tracker().get_states().items()}
+    except Exception:  # tracker not initialised (no megatron parallel state)
+        state["tracker"] = None
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if state.get("tracker"):
+        get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _chunks(model) -> list:
+    return list(model) if isinstance(model, (list, tuple)) else [model]
+
+
+def _model_sharded(chunks: list) -> dict:
+    """megatron-training's layout: ``model`` for one chunk, ``model0..`` for virtual PP chunks."""
+    if len(chunks) == 1:
+        return {"model": mio.unwrap(chunks[0]).sharded_state_dict()}
+    return {f"model{i}": mio.unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
+
+
+def _is_distributed(optimizer) -> bool:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    inner = getattr(optimizer, "chained_optimizers", [optimizer])
+    return any(isinstance(o, DistributedOptimizer) for o in inner)
+
+
+def _sharded_state(chunks: list, optimizer, *, is_loading: bool) -> dict:
+    state = _model_sharded(chunks)
+    if optimizer is not None:
+        meta = {"distrib_optim_sharding_type": "fully_reshardable"} if _is_distributed(optimizer) else None
+        model_sd = {k: v for k, v in state.items()}
+        state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=meta)
+    return state
+
+
+def _config_dict(config) -> Optional[dict]:
+    if config is None:
+        return None
+    return dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
+
+
+# ---------------------------------------------------------------------------------------------
+# Save.
+
+
+def _all_ok(ok: bool, *, what: str) -> None:
+    """Barrier that also agrees on success (every rank raises if any rank failed)."""
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)  # bounded by the process group's timeout
+    if int(flag.item()) != 1:
+        raise CheckpointError(f"{what}: a rank failed while writing the checkpoint (see that rank's error); "
+                              "fix: check free disk space and permissions of checkpoint.dir")
+
+
+def _maybe_fault(step: int, rank: int) -> None:
+    """Test hook: SIGKILL the whole local job (every worker's process group, then the launcher)."""
+    want = os.environ.get(FAULT_ENV)
+    if want is None or int(want) != step or rank != 0:
+        return
+    time.sleep(0.2)  # the other ranks are writing their RNG files meanwhile
+    launcher, me = os.getppid(), os.getpid()
+    for pid in map(int, filter(str.isdigit, os.listdir("/proc"))):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            if ppid == launcher and pid != me:  # torchrun starts each worker in its own session
+                os.killpg(os.getpgid(pid), signal.SIGKILL)
+        except (OSError, ValueError, IndexError):
+            continue
+    os.kill(launcher, signal.SIGKILL)
+    os.killpg(os.getpgrp(), signal.SIGKILL)
+
+
+def _prune(root: str, *, keep: int, current: str) -> None:
+    for name in os.listdir(root):
+        if _TMP_DIR.match(name) and os.path.join(root, name) != current:
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)  # left by a killed save
+    for _, path in complete_checkpoints(root)[:-keep]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _publish(tmp: str, final: str, *, meta: dict) -> None:
+    with open(os.path.join(tmp, COMPLETE), "w") as f:
+        json.dump(meta, f, indent=2, sort_keys=True)
+        f.write("\n")
+    for dirpath, _, names in os.walk(tmp):
+        for n in names:
+            fd = os.open(os.path.join(dirpath, n), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(dirpath)
+    old = None
+    if os.path.exists(final):  # the same step saved again (e.g. after a resume): replace it
+        old = f"{final}.tmp-{uuid.uuid4().hex[:12]}"
+        os.rename(final, old)
+    os.rename(tmp, final)
+    _fsync_dir(os.path.dirname(final))
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def save_rl_checkpoint(root: str, *, step: int, model, optimizer, extra: Optional[dict] = None, keep: int = 2,
+                       config=None) -> str:
+    """Save the full RL state as ``<root>/step_<step>`` (collective; atomic). Returns its path.
+
+    ``model``: the megatron chunks (DDP-wrapped or not); ``optimizer``: the megatron optimizer
+    (or None); ``extra``: picklable caller state (data position, reward history, ...);
+    ``config``: the run's config dataclass, saved as ``config.json``.
+    """
+    rank, world = dist.get_rank(), dist.get_world_size()
+    root = os.path.abspath(root)
+    box = [None]
+    if rank == 0:
+        os.makedirs(root, exist_ok=True)
+        box[0] = os.path.join(root, f"step_{step}.tmp-{uuid.uuid4().hex[:12]}")
+        os.makedirs(os.path.join(box[0], "dist"))
+        os.makedirs(os.path.join(box[0], "rng"))
+    dist.broadcast_object_list(box, src=0)
+    tmp = box[0]
+    from megatron.core import dist_checkpointing
+
+    dist_checkpointing.save(_sharded_state(_chunks(model), optimizer, is_loading=False), os.path.join(tmp, "dist"))
+    _maybe_fault(step, rank)
+    ok = True
+    try:
+        torch.save(rng_state(), os.path.join(tmp, "rng", f"rank{rank}.pt"))
+        if rank == 0:
+            torch.save({"step": step, "extra": extra or {}}, os.path.join(tmp, "state.pt"))
+            with open(os.path.join(tmp, "config.json"), "w") as f:
+                json.dump(_config_dict(config), f, indent=2, sort_keys=True, default=str)
+    except OSError as e:
+        print(f"rank {rank}: checkpoint write failed in {tmp}: {e}", flush=True)
+        ok = False
+    _all_ok(ok, what=tmp)
+    final = os.path.join(root, f"step_{step}")
+    if rank == 0:
+        _publish(tmp, final, meta={"step": step, "world_size": world, "time": time.time(),
+                                   "format_version": FORMAT_VERSION, "versions": mio.versions()})
+        _prune(root, keep=keep, current=final)
+    dist.barrier()
+    return final
+
+
+# ---------------------------------------------------------------------------------------------
+# Load.
+
+
+def _load_model_and_optimizer(path: str, chunks: list, optimizer) -> None:
+    from megatron.core import dist_checkpointing
+
+    loaded = dist_checkpointing.load(_sharded_state(chunks, optimizer, is_loading=True), os.path.join(path, "dist"))
+    keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
+    for key, chunk in zip(keys, chunks):
+        missing, unexpected = mio.unwrap(chunk).load_state_dict(loaded[key], strict=False)
+        missing = [k for k in missing if not k.endswith("_extra_state")]
+        if missing or unexpected:
+            raise CheckpointError(f"{path}: checkpoint does not match the model (missing {missing[:3]}, "
+                                  f"unexpected {unexpected[:3]}); fix: resume with the model it was saved from")
+    if optimizer is not None:
+        with _distopt_keeps_step(optimizer):
+            optimizer.load_state_dict(loaded["optimizer"])
+
+
+@contextlib.contextmanager
+def _distopt_keeps_step(optimizer):
+    """ENV.md item 9, the ``KeyError: 'step'``: on load, ``DistributedOptimizer`` copies every key of
+    the inner torch-Adam state (which holds ``step``) from the checkpoint's per-param tensors
+    (which do not: the step travels in ``param_groups`` and is already restored). Keys missing from
+    the checkpoint keep their current value. Patched on the instances, for the load only."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    patched = [o for o in getattr(optimizer, "chained_optimizers", [optimizer]) if isinstance(o, DistributedOptimizer)]
+    for opt in patched:
+        orig = opt._set_main_param_and_optimizer_states
+
+        def set_states(model_param, tensors, *, _opt=opt, _orig=orig):
+            gi, go = _opt.model_param_group_index_map[model_param]
+            main = _opt.optimizer.param_groups[gi]["params"][go]
+            return _orig(model_param, {**_opt.optimizer.state.get(main, {}), **tensors})
+
+        opt._set_main_param_and_optimizer_states = set_states
+    try:
+        yield
+    finally:
+        for opt in patched:
+            del opt._set_main_param_and_optimizer_states
+
+
+def load_rl_checkpoint(root: str, *, model, optimizer, path: Optional[str] = None,
+                       restore_rng: bool = True) -> Optional[tuple[int, dict]]:
+    """Load the newest complete checkpoint under ``root`` (or ``path``) into ``model``/``optimizer``
+    and this rank's RNG states (collective). Returns ``(step, extra)``, or None if there is none."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    box = [path if path is not None else (latest_checkpoint(root) if rank == 0 else None)]
+    dist.broadcast_object_list(box, src=0)  # every rank resumes the same checkpoint
+    path = box[0]
+    if path is None:
+        return None
+    if not os.path.isfile(os.path.join(path, COMPLETE)):
+        raise CheckpointError(f"{path}: no {COMPLETE} marker, the checkpoint is half-written; "
+                              "fix: resume from an older step_<k> directory")
+    meta = read_complete(path)
+    _load_model_and_optimizer(path, _chunks(model), optimizer)
+    rng_file = os.path.join(path, "rng", f"rank{rank}.pt")
+    if restore_rng:
+        if meta.get("world_size") == world and os.path.isfile(rng_file):
+            set_rng_state(torch.load(rng_file, weights_only=False))
+        elif rank == 0:
+            print(f"{path}: saved at world size {meta.get('world_size')}, resumed at {world}: "
+                  "RNG states not restored (the run continues, but not bitwise)", flush=True)
+    state = torch.load(os.path.join(path, "state.pt"), weights_only=False)
+    dist.barrier()
+    return int(state["step"]), state["extra"]

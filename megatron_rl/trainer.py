@@ -1,0 +1,308 @@
+"""The GRPO job: one SPMD loop in which every rank both generates (vLLM) and trains (megatron-core).
+
+One step, on every rank, in this order::
+
+    rollout   vLLM samples G responses per prompt (each replica its share), with log-probs;
+              responses are gathered, rewards scored, group advantages computed
+    release   vLLM frees its KV cache and weights: the memory goes back to training
+    train     megatron-core trains this DP rank's groups, shared-prefix packed
+    resume    vLLM re-allocates its weights ...
+    sync      ... receives the new weights straight from the megatron shards (no full gather)
+    resume    ... and its KV cache; the prefix cache is reset (it holds stale KV)
+
+Rank 0 writes the metrics (JSONL, TensorBoard, progress bar, phase table); other ranks stay
+quiet unless they fail. Run (under torchrun)::
+
+    megatron-rl train --config configs/tiny_cpu.yaml train.steps=20
+
+The rollout engine (``megatron_rl.rollout.vllm_engine.VllmEngine``) is created in
+:func:`start_rollout` and sampled in :func:`generate`; it is also the weight receiver of
+``WeightSync``. Checkpoint save/resume goes through :func:`save_state` / :func:`resume_state`.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from megatron_rl.algorithms import group_advantages, lr_at
+from megatron_rl.algorithms.grpo import GRPOLoss, RolloutBatch, dp_shards, make_groups, stats_from_sums
+from megatron_rl.config import Config, ConfigError, load_config
+from megatron_rl.metrics import (MetricsLogger, PhaseTimer, ascii_curve, length_stats, phase_table,
+                                 quiet_other_ranks, reward_gain, reward_stats)
+from megatron_rl.rewards import compute_rewards, get_reward
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# ---------------------------------------------------------------------------------------------
+# Rollout: the only place that knows the engine's calls.
+
+
+def start_rollout(cfg: Config, *, world_size: int, rank: int):
+    """The vLLM engine of this rank (created after the process groups, as vLLM requires)."""
+    from megatron_rl.rollout.vllm_engine import VllmEngine
+
+    return VllmEngine(cfg.model.hf_path, cfg=cfg.rollout, run_dir=cfg.logging.run_dir, dtype=cfg.model.dtype,
+                      timeout_s=cfg.parallel.timeout_s)
+
+
+def generate(engine, cfg: Config, *, prompt_ids: list, step: int) -> RolloutBatch:
+    """G samples of every prompt, with the engine's log-probs; every rank gets the whole batch.
+
+    Each prompt is repeated G times in a row, so a group stays on one replica (its prompt is
+    prefix-cached) and the engine's per-prompt seeds ``seed + i`` depend only on (seed, step):
+    a resumed run draws the same samples whatever the layout.
+    """
+    from megatron_rl.rollout.base import Sampling
+
+    r, G = cfg.rollout, cfg.algorithm.group_size
+    flat = [p for p in prompt_ids for _ in range(G)]
+    sampling = Sampling(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
+                        seed=(r.seed * 1_000_003 + step * len(flat)) % (1 << 30))
+    outs = engine.generate(flat, sampling=sampling)
+    resp = [[list(outs[g * G + i].tokens) for i in range(G)] for g in range(len(prompt_ids))]
+    logp = [[list(outs[g * G + i].logprobs) for i in range(G)] for g in range(len(prompt_ids))]
+    return RolloutBatch(rows=[], prompt_ids=prompt_ids, response_ids=resp, logprobs=logp)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training: this DP rank's groups, one optimizer step per mini-batch.
+
+
+def _global_sums(loss: GRPOLoss) -> tuple[torch.Tensor, float]:
+    """Statistic sums over every rank. Only last-stage ranks hold non-zero sums, and the TP
+    ranks of one stage hold identical copies, hence the division by TP."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    sums = loss.sums()
+    dist.all_reduce(sums)
+    mx = torch.tensor([loss.mismatch_max], dtype=torch.float64)
+    dist.all_reduce(mx, op=dist.ReduceOp.MAX)
+    return sums / ps.get_tensor_model_parallel_world_size(), float(mx.item())
+
+
+def train_step(eng, cfg: Config, batch: RolloutBatch, advantages: torch.Tensor, *, lr: float) -> dict:
+    """Optimizer step(s) on this rank's groups, one per mini-batch. Returns the global loss and its
+    statistics (over all mini-batches and ranks), the mean grad norm (before clipping) and lr."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_rl.attention import make_batches, make_forward_fn
+
+    for group in eng.optimizer.param_groups:
+        group["lr"] = lr
+    shards = dp_shards(len(batch.prompt_ids), dp_rank=ps.get_data_parallel_rank(),
+                       dp_size=ps.get_data_parallel_world_size(), mini_batches=cfg.algorithm.mini_batches)
+    rollout_logp = batch.logp_by_key()
+    pad = cfg.parallel.tp if cfg.parallel.sequence_parallel else 1
+    mb_batches = []
+    for indices in shards:
+        groups = make_groups(batch, advantages, indices=indices)
+        # about micro_batch_groups groups per micro-batch; the packer keeps groups whole and in order
+        max_tokens = max(len(g.prompt) + sum(map(len, g.responses)) for g in groups) * cfg.train.micro_batch_groups
+        mb_batches.append(make_batches(groups, max_tokens=max_tokens, max_seq_len=cfg.rollout.max_model_len,
+                                       cp_size=cfg.parallel.cp, pad_multiple=pad))
+    # Off-policy mini-batches (all but the first) need the log-probs from before the first update.
+    old_logp = _old_logprobs(eng, shards, mb_batches) if len(shards) > 1 else None
+    loss = GRPOLoss(cfg.algorithm, rollout_logp=rollout_logp, key_of=shards[0].__getitem__, old_logp=old_logp)
+    outs = []
+    for indices, batches in zip(shards, mb_batches):
+        loss.key_of = indices.__getitem__  # local group index in these micro-batches -> global group
+        outs.append(eng.step(batches, forward_fn=make_forward_fn(loss)))
+    sums, mx = _global_sums(loss)
+    norms = [o["grad_norm"] for o in outs if o["grad_norm"] is not None]
+    return {"grad_norm": sum(norms) / max(len(norms), 1), "lr": lr, **stats_from_sums(sums, mismatch_max=mx)}
+
+
+def _old_logprobs(eng, shards: list, mb_batches: list) -> dict:
+    """``{(global group, response): (R,)}`` trainer log-probs before any update (last PP stage)."""
+    from megatron_rl.attention import collect_logprobs, make_forward_fn, pg_loss
+    from megatron.core import parallel_state as ps
+
+    old = {}
+    for indices, batches in zip(shards, mb_batches):
+        metrics = eng.forward(batches, forward_fn=make_forward_fn(pg_loss))
+        got = collect_logprobs(metrics, cp_group=ps.get_context_parallel_group())
+        old.update({(indices[g], i): lp for (g, i), lp in got.items()})
+    return old
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints (model + optimizer through megatron_rl.checkpoint; data position and step here).
+
+
+def save_state(cfg: Config, eng, *, step: int, data, rewards: list) -> None:
+    try:
+        from megatron_rl.checkpoint.rl import save_rl_checkpoint
+    except ImportError:
+        return  # not wired yet
+    save_rl_checkpoint(cfg.checkpoint.dir, step=step, model=eng.model, optimizer=eng.optimizer,
+                       extra={"data": data.state_dict(), "reward_history": rewards}, keep=cfg.checkpoint.keep,
+                       config=cfg)
+
+
+def resume_state(cfg: Config, eng, *, data) -> tuple[int, list]:
+    """(first step to run, reward history) from the newest complete checkpoint, or (0, [])."""
+    if not (cfg.checkpoint.dir and cfg.checkpoint.resume):
+        return 0, []
+    try:
+        from megatron_rl.checkpoint.rl import load_rl_checkpoint
+    except ImportError:
+        return 0, []
+    got = load_rl_checkpoint(cfg.checkpoint.dir, model=eng.model, optimizer=eng.optimizer)
+    if got is None:
+        return 0, []
+    step, extra = got
+    data.load_state_dict(extra["data"])
+    return step + 1, list(extra.get("reward_history", []))
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop.
+
+
+@dataclass
+class Job:
+    """Everything one rank holds for the run (built by :func:`setup`)."""
+
+    cfg: Config
+    rank: int
+    world: int
+    tokenizer: object
+    data: object
+    reward_fn: object
+    eng: object
+    rollout: object
+    sync: object
+
+
+def setup(cfg: Config, *, hf_config) -> Job:
+    """Process groups, then the trainer, then vLLM (it must find the world already set up)."""
+    import torch.distributed as dist
+    from transformers import AutoTokenizer
+
+    from megatron_rl.attention import SharedPrefixCoreAttention, enable_shared_prefix
+    from megatron_rl.data import PromptDataset
+    from megatron_rl.parallel import init_distributed
+    from megatron_rl.resharding.layout import ModelShape, megatron_layout
+    from megatron_rl.resharding.sync import WeightSync
+    from megatron_rl.resharding.vllm_layout import vllm_layout
+    from megatron_rl.train.engine import TrainEngine
+
+    grid = init_distributed(cfg.parallel)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    tok = AutoTokenizer.from_pretrained(cfg.model.hf_path)
+    data = PromptDataset.from_config(cfg.data, prompt_len=lambda p: len(tok(p).input_ids))
+    divisible = cfg.model.make_vocab_size_divisible_by
+    eng = TrainEngine(hf_config, parallel=cfg.parallel, train=cfg.train, dtype=DTYPES[cfg.model.dtype],
+                      hf_path=cfg.model.hf_path, core_attention=SharedPrefixCoreAttention, vocab_divisible_by=divisible)
+    enable_shared_prefix(eng.model)
+    rollout = start_rollout(cfg, world_size=world, rank=rank)
+    shape = ModelShape.from_hf_config(hf_config)
+    sync = WeightSync(eng.model, rollout, src_layout=megatron_layout(shape, grid, vocab_divisible_by=divisible),
+                      dst_layout=vllm_layout(shape, tp=cfg.rollout.tp, world_size=world), timeout=cfg.parallel.timeout_s)
+    return Job(cfg=cfg, rank=rank, world=world, tokenizer=tok, data=data, reward_fn=get_reward(cfg.data.reward),
+               eng=eng, rollout=rollout, sync=sync)
+
+
+def score(job: Job, rows: list, batch: RolloutBatch) -> list[float]:
+    """Rewards of every response, ``(N*G,)`` in group order (computed identically on every rank)."""
+    G, tok = job.cfg.algorithm.group_size, job.tokenizer
+    flat_ids = [ids for group in batch.response_ids for ids in group]
+    texts = [tok.decode(ids, skip_special_tokens=True) for ids in flat_ids]
+    return compute_rewards(job.reward_fn, texts, prompts=[r["prompt"] for r in rows for _ in range(G)],
+                           samples=[r for r in rows for _ in range(G)], response_ids=flat_ids)
+
+
+def train(cfg: Config, *, hf_config) -> dict:
+    """Run the whole job on this rank; returns the reward curve summary (same on every rank)."""
+    from megatron_rl.parallel import destroy_distributed
+
+    job = setup(cfg, hf_config=hf_config)
+    rollout, sync, eng, a, t, L = job.rollout, job.sync, job.eng, cfg.algorithm, cfg.train, cfg.logging
+    start, history = resume_state(cfg, eng, data=job.data)
+    sync.sync()  # vLLM starts from exactly the trainer's weights (fresh or resumed)
+    log = MetricsLogger(L.run_dir, rank=job.rank, total_steps=t.steps, start_step=start, jsonl=L.jsonl,
+                        tensorboard=L.tensorboard, progress=L.progress)
+    timer = PhaseTimer(device=torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None)
+    for step in range(start, t.steps):
+        rows = job.data.next_batch(cfg.data.prompts_per_step)
+        with timer.phase("rollout"):
+            batch = generate(rollout, cfg, prompt_ids=[job.tokenizer(r["prompt"]).input_ids for r in rows], step=step)
+            rewards = score(job, rows, batch)
+        adv = group_advantages(torch.tensor(rewards), group_size=a.group_size, estimator=a.name,
+                               normalize_std=a.normalize_adv_std, eps=a.adv_eps)
+        with timer.phase("release"):
+            rollout.release(("kv_cache", "weights"))
+        with timer.phase("train"):
+            lr = lr_at(step, lr=t.lr, min_lr=t.min_lr, total_steps=t.steps, warmup_steps=t.lr_warmup_steps,
+                       schedule=t.lr_schedule)
+            out = train_step(eng, cfg, batch, adv, lr=lr)
+        with timer.phase("resume"):
+            rollout.resume(("weights",))
+        with timer.phase("sync"):
+            sync.sync()  # ends with the engine's end_weight_update(): repack, reset the prefix cache
+        with timer.phase("resume"):
+            rollout.resume(("kv_cache",))
+        metrics = {**reward_stats(rewards, group_size=a.group_size),
+                   **length_stats(batch.flat_lengths(), max_new_tokens=cfg.rollout.max_new_tokens),
+                   **out, **timer.step_metrics()}
+        history.append(metrics["reward/mean"])
+        if step % L.log_every == 0 or step == t.steps - 1:
+            log.log(step, metrics)
+        if L.phase_table and (step % L.table_every == 0 or step == t.steps - 1):
+            log.print(f"step {step}: reward {metrics['reward/mean']:.3f} loss {metrics['loss']:.4f} "
+                      f"|dlogp| {metrics['mismatch/abs_mean']:.2e}\n{phase_table(metrics)}")
+        if cfg.checkpoint.dir and (step == t.steps - 1 or (cfg.checkpoint.save_every
+                                                          and (step + 1) % cfg.checkpoint.save_every == 0)):
+            save_state(cfg, eng, step=step, data=job.data, rewards=history)
+    first, last, gain = reward_gain(history) if history else (0.0, 0.0, 0.0)
+    log.print(f"mean reward per step:\n{ascii_curve(history)}\n"
+              f"reward first 20%: {first:.4f}  last 20%: {last:.4f}  gain: {gain:+.4f}")
+    log.close()
+    # Megatron's state only: vLLM's shutdown at exit destroys its groups and the default one.
+    destroy_distributed(keep_process_group=True)
+    return {"reward_first": first, "reward_last": last, "reward_gain": gain, "rewards": history}
+
+
+def check_supported(cfg: Config) -> None:
+    """Options the config accepts but this loop does not run yet: fail before any work."""
+    if cfg.algorithm.kl_coef > 0:
+        raise ConfigError("config error: algorithm.kl_coef: the reference-model KL is not wired into the trainer "
+                          "yet; fix: set algorithm.kl_coef=0")
+    if not cfg.train.shared_prefix:
+        raise ConfigError("config error: train.shared_prefix: the trainer packs groups shared-prefix only; "
+                          "fix: set train.shared_prefix=true")
+
+
+def main(argv: Optional[list] = None) -> int:
+    ap = argparse.ArgumentParser(prog="megatron-rl train", description="GRPO training job (run under torchrun).")
+    ap.add_argument("--config", default=None, help="a YAML file under configs/ (defaults apply without one)")
+    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-6 rollout.tp=2")
+    args = ap.parse_args(argv)
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    quiet_other_ranks(rank)
+    try:  # every check runs before any process group exists
+        cfg = load_config(args.config, overrides=args.overrides)
+        cfg.check_world(world)
+        cfg.check_files()
+        from transformers import AutoConfig
+
+        hf_config = AutoConfig.from_pretrained(cfg.model.hf_path)
+        cfg.check_hf_config(hf_config)
+        check_supported(cfg)
+    except ConfigError as e:
+        if rank == 0:
+            print(e, file=sys.stderr)
+        return 2
+    train(cfg, hf_config=hf_config)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
