@@ -22,6 +22,7 @@ The rollout engine (``megatron_rl.rollout.vllm_engine.VllmEngine``) is created i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from dataclasses import dataclass
@@ -219,17 +220,25 @@ def score(job: Job, rows: list, batch: RolloutBatch) -> list[float]:
                            samples=[r for r in rows for _ in range(G)], response_ids=flat_ids)
 
 
-def train(cfg: Config, *, hf_config) -> dict:
-    """Run the whole job on this rank; returns the reward curve summary (same on every rank)."""
+def train(cfg: Config, *, hf_config, rt=None) -> dict:
+    """Run the whole job on this rank; returns the reward curve summary (same on every rank).
+
+    ``rt`` (a :class:`megatron_rl.runtime.RankRuntime`) names the phase of any failure and
+    bounds every phase by ``parallel.timeout_s`` (start-up by twice that).
+    """
     from megatron_rl.parallel import destroy_distributed
 
-    job = setup(cfg, hf_config=hf_config)
-    rollout, sync, eng, a, t, L = job.rollout, job.sync, job.eng, cfg.algorithm, cfg.train, cfg.logging
-    start, history = resume_state(cfg, eng, data=job.data)
-    sync.sync()  # vLLM starts from exactly the trainer's weights (fresh or resumed)
+    rt = rt or _NoRuntime()
+    with rt.phase("setup", timeout_s=2 * cfg.parallel.timeout_s):
+        job = setup(cfg, hf_config=hf_config)
+        rollout, sync, eng, a, t, L = job.rollout, job.sync, job.eng, cfg.algorithm, cfg.train, cfg.logging
+        start, history = resume_state(cfg, eng, data=job.data)
+    with rt.phase("sync"):
+        sync.sync()  # vLLM starts from exactly the trainer's weights (fresh or resumed)
     log = MetricsLogger(L.run_dir, rank=job.rank, total_steps=t.steps, start_step=start, jsonl=L.jsonl,
                         tensorboard=L.tensorboard, progress=L.progress)
-    timer = PhaseTimer(device=torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None)
+    timer = _Phases(PhaseTimer(device=torch.device("cuda", torch.cuda.current_device())
+                               if torch.cuda.is_available() else None), rt)
     for step in range(start, t.steps):
         rows = job.data.next_batch(cfg.data.prompts_per_step)
         with timer.phase("rollout"):
@@ -260,7 +269,8 @@ def train(cfg: Config, *, hf_config) -> dict:
                       f"|dlogp| {metrics['mismatch/abs_mean']:.2e}\n{phase_table(metrics)}")
         if cfg.checkpoint.dir and (step == t.steps - 1 or (cfg.checkpoint.save_every
                                                           and (step + 1) % cfg.checkpoint.save_every == 0)):
-            save_state(cfg, eng, step=step, data=job.data, rewards=history)
+            with rt.phase("checkpoint"):
+                save_state(cfg, eng, step=step, data=job.data, rewards=history)
     first, last, gain = reward_gain(history) if history else (0.0, 0.0, 0.0)
     log.print(f"mean reward per step:\n{ascii_curve(history)}\n"
               f"reward first 20%: {first:.4f}  last 20%: {last:.4f}  gain: {gain:+.4f}")
@@ -268,6 +278,29 @@ def train(cfg: Config, *, hf_config) -> dict:
     # Megatron's state only: vLLM's shutdown at exit destroys its groups and the default one.
     destroy_distributed(keep_process_group=True)
     return {"reward_first": first, "reward_last": last, "reward_gain": gain, "rewards": history}
+
+
+class _Phases:
+    """Each phase is both timed (metrics) and watched (failure reports name it)."""
+
+    def __init__(self, timer: PhaseTimer, rt):
+        self.timer, self.rt = timer, rt
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        with self.rt.phase(name), self.timer.phase(name):
+            yield
+
+    def step_metrics(self) -> dict:
+        return self.timer.step_metrics()
+
+
+class _NoRuntime:
+    """Stand-in when train() runs outside run_rank (tests calling it in-process)."""
+
+    @contextlib.contextmanager
+    def phase(self, name: str, *, timeout_s=None):
+        yield
 
 
 def check_supported(cfg: Config) -> None:
@@ -300,8 +333,13 @@ def main(argv: Optional[list] = None) -> int:
         if rank == 0:
             print(e, file=sys.stderr)
         return 2
-    train(cfg, hf_config=hf_config)
-    return 0
+    from megatron_rl.runtime import run_rank
+
+    def job(rt) -> int:
+        train(cfg, hf_config=hf_config, rt=rt)
+        return 0
+
+    return run_rank(job, run_dir=cfg.logging.run_dir, timeout_s=cfg.parallel.timeout_s)
 
 
 if __name__ == "__main__":

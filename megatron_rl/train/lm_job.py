@@ -70,15 +70,20 @@ def _hf_config(path: str):
     return AutoConfig.from_pretrained(path)
 
 
-def run(args) -> dict:
+def prepare(args):
+    """Every check that needs no process group: (cfg, hf_config, world, micro-batches per DP rank)."""
+    cfg = load_config(args.config, overrides=args.overrides)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    hf_config = _hf_config(cfg.model.hf_path)
+    return cfg, hf_config, world, validate(args, cfg, world, hf_config)
+
+
+def run(args, prepared, rt) -> dict:
     from megatron_rl.parallel import destroy_distributed, init_distributed
     from megatron_rl.train.engine import TrainEngine
     from megatron_rl.train.lm import synthetic_batches
 
-    cfg = load_config(args.config, overrides=args.overrides)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    hf_config = _hf_config(cfg.model.hf_path)
-    micro = validate(args, cfg, world, hf_config)
+    cfg, hf_config, world, micro = prepared
     dtype = getattr(torch, cfg.model.dtype)
     grid = init_distributed(cfg.parallel, world_size=world, hf_config=hf_config, seed=cfg.train.seed)
     rank = torch.distributed.get_rank()
@@ -94,7 +99,8 @@ def run(args) -> dict:
         batches = synthetic_batches(vocab=hf_config.vocab_size, num=micro * grid.dp, batch=args.micro_batch_size,
                                     seq=args.seq_len, seed=cfg.train.seed + step)
         t0 = time.perf_counter()
-        out = eng.step(batches[coord.dp::grid.dp])
+        with rt.phase("train"):
+            out = eng.step(batches[coord.dp::grid.dp])
         out["time_s"] = time.perf_counter() - t0
         history.append(out)
         if rank == 0:
@@ -104,7 +110,9 @@ def run(args) -> dict:
         from megatron_rl.checkpoint.spmd import save_checkpoint
 
         hf_dir = os.path.join(args.load, "hf") if args.load else cfg.model.hf_path
-        save_checkpoint(eng.model[0], args.save, hf_dir=hf_dir, vocab_divisible_by=cfg.model.make_vocab_size_divisible_by)  # atomic: temp sibling + rename
+        with rt.phase("checkpoint"):  # atomic: temp sibling + rename
+            save_checkpoint(eng.model[0], args.save, hf_dir=hf_dir,
+                            vocab_divisible_by=cfg.model.make_vocab_size_divisible_by)
         if rank == 0:
             print(f"saved megatron_rl checkpoint to {args.save}", flush=True)
     summary = {"job": "lm-train", "layout": {"tp": grid.tp, "pp": grid.pp, "cp": grid.cp, "dp": grid.dp,
@@ -118,14 +126,21 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> int:
+    from megatron_rl.runtime import run_rank
+
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        run(args)
+        prepared = prepare(args)
     except (ConfigError, LayoutError, CheckpointError) as e:
         if os.environ.get("RANK", "0") == "0":  # deterministic: every rank fails the same way
             print(str(e), file=sys.stderr)
         return 2
-    return 0
+
+    def job(rt) -> int:
+        run(args, prepared, rt)
+        return 0
+
+    return run_rank(job, run_dir=prepared[0].logging.run_dir, timeout_s=prepared[0].parallel.timeout_s)
 
 
 if __name__ == "__main__":
