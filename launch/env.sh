@@ -15,7 +15,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 if [ "$(cat "$STAMP" 2>/dev/null || true)" != "$want" ]; then
   echo "[env] installing megatron_rl[$EXTRAS] into $VENV (first time: about 2 minutes)" >&2
-  "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
+  "$VENV/bin/python" -m pip install -q --upgrade pip 2>&1 | grep -v "WARNING: Location" >&2 || true
   # (grep drops pip's noise about this machine's empty local index folders)
   "$VENV/bin/python" -m pip install -q -e "$REPO_ROOT[$EXTRAS]" 2> >(grep -v "WARNING: Location" >&2)
   # The registry serves CUDA builds of these; vLLM's import fails on torchcodec without CUDA libs.

@@ -46,12 +46,12 @@ import torch.distributed as dist
 
 from megatron_rl.checkpoint import CheckpointError
 from megatron_rl.checkpoint import megatron as mio
-from megatron_rl.checkpoint.hf import _fsync_dir
+from megatron_rl.checkpoint.hf import publish_dir
 
 COMPLETE = "COMPLETE"
 FAULT_ENV = "MEGATRON_RL_CKPT_FAULT"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
-_TMP_DIR = re.compile(r"^step_\d+\.tmp-[0-9a-f]+$")
+_TMP_DIR = re.compile(r"^step_\d+\.tmp-[0-9a-f]+(\.old)?$")  # .old: a replaced step (publish_dir)
 FORMAT_VERSION = 1
 
 
@@ -185,25 +185,12 @@ def _prune(root: str, *, keep: int, current: str) -> None:
 
 
 def _publish(tmp: str, final: str, *, meta: dict) -> None:
+    """Mark ``tmp`` complete, fsync it and rename it to ``final`` (replacing the same step saved again,
+    e.g. after a resume)."""
     with open(os.path.join(tmp, COMPLETE), "w") as f:
         json.dump(meta, f, indent=2, sort_keys=True)
         f.write("\n")
-    for dirpath, _, names in os.walk(tmp):
-        for n in names:
-            fd = os.open(os.path.join(dirpath, n), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(dirpath)
-    old = None
-    if os.path.exists(final):  # the same step saved again (e.g. after a resume): replace it
-        old = f"{final}.tmp-{uuid.uuid4().hex[:12]}"
-        os.rename(final, old)
-    os.rename(tmp, final)
-    _fsync_dir(os.path.dirname(final))
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
+    publish_dir(tmp, final, overwrite=True)
 
 
 def save_rl_checkpoint(root: str, *, step: int, model, optimizer, extra: Optional[dict] = None, keep: int = 2,

@@ -21,6 +21,7 @@ Usage::
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional
@@ -212,55 +213,89 @@ def hf_layout(shape: ModelShape, *, rank: int = 0) -> Layout:
 
 
 # ---------------------------------------------------------------------------------------------
-# Megatron-core (local and Transformer Engine specs).
-
-MEGATRON_TE_NAMES = {
-    "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
-    "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
-}
+# Decoder layers, for any framework; Megatron-core (local and Transformer Engine specs).
 
 
-def megatron_layer_tensors(shape: ModelShape, *, tp: int, tp_rank: int, layer: int, local_layer: int,
-                           te_names: bool = False) -> dict[str, LocalTensor]:
-    """The local tensors of one transformer layer at ``tp_rank`` of ``tp``."""
-    h, d = shape.hidden, shape.head_dim
-    if shape.kv_heads % tp or shape.heads % tp:
-        raise LayoutError(f"parallel.tp={tp} does not divide num_query_groups={shape.kv_heads} "
-                          f"(heads={shape.heads}); fix: choose a tp that divides the kv heads")
-    if shape.ffn % tp:
-        raise LayoutError(f"parallel.tp={tp} does not divide intermediate_size={shape.ffn}; fix: choose another tp")
+@dataclass(frozen=True)
+class LayerNames:
+    """Local names of one decoder layer's tensors in a framework (``{i}`` = local layer index)."""
+
+    input_norm: str
+    post_norm: str
+    qkv: str  # fused QKV; ``.weight`` / ``.bias`` are appended
+    q_norm: str
+    k_norm: str
+    o_proj: str
+    gate_up: str
+    down: str
+
+
+MEGATRON_LAYER = LayerNames(
+    input_norm="decoder.layers.{i}.input_layernorm.weight",
+    post_norm="decoder.layers.{i}.pre_mlp_layernorm.weight",
+    qkv="decoder.layers.{i}.self_attention.linear_qkv",
+    q_norm="decoder.layers.{i}.self_attention.q_layernorm.weight",
+    k_norm="decoder.layers.{i}.self_attention.k_layernorm.weight",
+    o_proj="decoder.layers.{i}.self_attention.linear_proj.weight",
+    gate_up="decoder.layers.{i}.mlp.linear_fc1.weight",
+    down="decoder.layers.{i}.mlp.linear_fc2.weight")
+# Transformer Engine fuses the two norms into the following linear layers.
+MEGATRON_TE_LAYER = dataclasses.replace(
+    MEGATRON_LAYER, input_norm="decoder.layers.{i}.self_attention.linear_qkv.layer_norm_weight",
+    post_norm="decoder.layers.{i}.mlp.linear_fc1.layer_norm_weight")
+
+
+def layer_tensors(shape: ModelShape, *, names: LayerNames, layer: int, local_layer: int, tp: int, tp_rank: int,
+                  q_heads: range, kv_heads: list[int], interleave: bool) -> dict[str, LocalTensor]:
+    """The local tensors of one decoder layer at ``tp_rank`` of ``tp``, for any framework.
+
+    The framework enters only through ``names`` and the QKV arrangement (``q_heads``,
+    ``kv_heads``, ``interleave``: see :func:`qkv_blocks`). Norms are replicated; o_proj and
+    down_proj split along dim 1; gate/up are fused as ``[gate_r; up_r]``.
+    """
+    h, d, f = shape.hidden, shape.head_dim, shape.ffn // tp
     src = f"model.layers.{layer}."
-    dst = f"decoder.layers.{local_layer}."
-    ng = shape.kv_heads // tp
-    groups = list(range(tp_rank * ng, (tp_rank + 1) * ng))
     out: dict[str, LocalTensor] = {}
 
     def add(lt: LocalTensor):
         out[lt.name] = lt
 
-    def norm_name(local: str) -> str:
-        return dst + (MEGATRON_TE_NAMES[local] if te_names and local in MEGATRON_TE_NAMES else local)
+    def local(template: str) -> str:
+        return template.format(i=local_layer)
 
-    add(replicated(norm_name("input_layernorm.weight"), src + "input_layernorm.weight", (h,)))
-    add(replicated(norm_name("pre_mlp_layernorm.weight"), src + "post_attention_layernorm.weight", (h,)))
+    add(replicated(local(names.input_norm), src + "input_layernorm.weight", (h,)))
+    add(replicated(local(names.post_norm), src + "post_attention_layernorm.weight", (h,)))
     for suffix in ("weight", "bias") if shape.qkv_bias else ("weight",):
-        blocks, rows = qkv_blocks(src + "self_attn.", suffix, shape, q_heads=range(0), kv_heads=groups,
-                                  interleave=True)
-        add(LocalTensor(f"{dst}self_attention.linear_qkv.{suffix}", (rows, h) if suffix == "weight" else (rows,),
-                        0, blocks))
+        blocks, rows = qkv_blocks(src + "self_attn.", suffix, shape, q_heads=q_heads, kv_heads=kv_heads,
+                                  interleave=interleave)
+        add(LocalTensor(f"{local(names.qkv)}.{suffix}", (rows, h) if suffix == "weight" else (rows,), 0, blocks))
     if shape.qk_norm:
-        add(replicated(dst + "self_attention.q_layernorm.weight", src + "self_attn.q_norm.weight", (d,)))
-        add(replicated(dst + "self_attention.k_layernorm.weight", src + "self_attn.k_norm.weight", (d,)))
+        add(replicated(local(names.q_norm), src + "self_attn.q_norm.weight", (d,)))
+        add(replicated(local(names.k_norm), src + "self_attn.k_norm.weight", (d,)))
     qdim = shape.heads * d
-    add(LocalTensor(dst + "self_attention.linear_proj.weight", (h, qdim // tp), 1,
+    add(LocalTensor(local(names.o_proj), (h, qdim // tp), 1,
                     split_blocks(src + "self_attn.o_proj.weight", total=qdim, parts=tp, index=tp_rank)))
-    f = shape.ffn // tp
-    fc1 = split_blocks(src + "mlp.gate_proj.weight", total=shape.ffn, parts=tp, index=tp_rank) + \
+    gate_up = split_blocks(src + "mlp.gate_proj.weight", total=shape.ffn, parts=tp, index=tp_rank) + \
         split_blocks(src + "mlp.up_proj.weight", total=shape.ffn, parts=tp, index=tp_rank, local_offset=f)
-    add(LocalTensor(dst + "mlp.linear_fc1.weight", (2 * f, h), 0, fc1))
-    add(LocalTensor(dst + "mlp.linear_fc2.weight", (h, f), 1,
+    add(LocalTensor(local(names.gate_up), (2 * f, h), 0, gate_up))
+    add(LocalTensor(local(names.down), (h, f), 1,
                     split_blocks(src + "mlp.down_proj.weight", total=shape.ffn, parts=tp, index=tp_rank)))
     return out
+
+
+def megatron_layer_tensors(shape: ModelShape, *, tp: int, tp_rank: int, layer: int, local_layer: int,
+                           te_names: bool = False) -> dict[str, LocalTensor]:
+    """The local tensors of one transformer layer at ``tp_rank`` of ``tp``: whole query groups per rank,
+    each stored as ``[its q heads | k | v]``."""
+    if shape.kv_heads % tp or shape.heads % tp:
+        raise LayoutError(f"parallel.tp={tp} does not divide num_query_groups={shape.kv_heads} "
+                          f"(heads={shape.heads}); fix: choose a tp that divides the kv heads")
+    if shape.ffn % tp:
+        raise LayoutError(f"parallel.tp={tp} does not divide intermediate_size={shape.ffn}; fix: choose another tp")
+    ng = shape.kv_heads // tp
+    return layer_tensors(shape, names=MEGATRON_TE_LAYER if te_names else MEGATRON_LAYER, layer=layer,
+                         local_layer=local_layer, tp=tp, tp_rank=tp_rank, q_heads=range(0),
+                         kv_heads=list(range(tp_rank * ng, (tp_rank + 1) * ng)), interleave=True)
 
 
 def megatron_rank_tensors(shape: ModelShape, *, tp: int, pp: int, tp_rank: int, pp_rank: int,

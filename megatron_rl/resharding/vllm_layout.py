@@ -24,10 +24,21 @@ Usage::
 from __future__ import annotations
 
 from megatron_rl.parallel.grid import LayoutError
-from megatron_rl.resharding.layout import (Layout, LocalTensor, ModelShape, qkv_blocks, replicated,
+from megatron_rl.resharding.layout import (LayerNames, Layout, LocalTensor, ModelShape, layer_tensors, replicated,
                                            split_blocks)
 
 VLLM_VOCAB_PADDING = 64  # vllm.model_executor.layers.vocab_parallel_embedding.DEFAULT_VOCAB_PADDING_SIZE
+
+
+VLLM_LAYER = LayerNames(
+    input_norm="model.layers.{i}.input_layernorm.weight",
+    post_norm="model.layers.{i}.post_attention_layernorm.weight",
+    qkv="model.layers.{i}.self_attn.qkv_proj",
+    q_norm="model.layers.{i}.self_attn.q_norm.weight",
+    k_norm="model.layers.{i}.self_attn.k_norm.weight",
+    o_proj="model.layers.{i}.self_attn.o_proj.weight",
+    gate_up="model.layers.{i}.mlp.gate_up_proj.weight",
+    down="model.layers.{i}.mlp.down_proj.weight")
 
 
 def vllm_padded_vocab(vocab: int, *, tp: int) -> int:
@@ -58,34 +69,10 @@ def vllm_layer_tensors(shape: ModelShape, *, tp: int, tp_rank: int, layer: int) 
         raise LayoutError(f"rollout.tp={tp} does not divide num_attention_heads={shape.heads}; fix: choose another rollout.tp")
     if shape.ffn % tp:
         raise LayoutError(f"rollout.tp={tp} does not divide intermediate_size={shape.ffn}; fix: choose another rollout.tp")
-    h, d = shape.hidden, shape.head_dim
-    p = f"model.layers.{layer}."
     nh = shape.heads // tp
-    kv = vllm_kv_heads(shape, tp=tp, tp_rank=tp_rank)
-    out: dict[str, LocalTensor] = {}
-
-    def add(lt: LocalTensor):
-        out[lt.name] = lt
-
-    add(replicated(p + "input_layernorm.weight", p + "input_layernorm.weight", (h,)))
-    add(replicated(p + "post_attention_layernorm.weight", p + "post_attention_layernorm.weight", (h,)))
-    for suffix in ("weight", "bias") if shape.qkv_bias else ("weight",):
-        blocks, rows = qkv_blocks(p + "self_attn.", suffix, shape, q_heads=range(tp_rank * nh, (tp_rank + 1) * nh),
-                                  kv_heads=kv, interleave=False)
-        add(LocalTensor(f"{p}self_attn.qkv_proj.{suffix}", (rows, h) if suffix == "weight" else (rows,), 0, blocks))
-    if shape.qk_norm:
-        add(replicated(p + "self_attn.q_norm.weight", p + "self_attn.q_norm.weight", (d,)))
-        add(replicated(p + "self_attn.k_norm.weight", p + "self_attn.k_norm.weight", (d,)))
-    qdim = shape.heads * d
-    add(LocalTensor(p + "self_attn.o_proj.weight", (h, qdim // tp), 1,
-                    split_blocks(p + "self_attn.o_proj.weight", total=qdim, parts=tp, index=tp_rank)))
-    f = shape.ffn // tp
-    gate_up = split_blocks(p + "mlp.gate_proj.weight", total=shape.ffn, parts=tp, index=tp_rank) + \
-        split_blocks(p + "mlp.up_proj.weight", total=shape.ffn, parts=tp, index=tp_rank, local_offset=f)
-    add(LocalTensor(p + "mlp.gate_up_proj.weight", (2 * f, h), 0, gate_up))
-    add(LocalTensor(p + "mlp.down_proj.weight", (h, f), 1,
-                    split_blocks(p + "mlp.down_proj.weight", total=shape.ffn, parts=tp, index=tp_rank)))
-    return out
+    return layer_tensors(shape, names=VLLM_LAYER, layer=layer, local_layer=layer, tp=tp, tp_rank=tp_rank,
+                         q_heads=range(tp_rank * nh, (tp_rank + 1) * nh),
+                         kv_heads=vllm_kv_heads(shape, tp=tp, tp_rank=tp_rank), interleave=False)
 
 
 def vllm_rank_tensors(shape: ModelShape, *, tp: int, tp_rank: int) -> dict[str, LocalTensor]:
