@@ -55,8 +55,21 @@ class Group:
     advantages: Sequence | None = None
 
 
+class _ResponseRows:
+    """Shared by packed batches that hold ``tokens`` and ``response_cu`` (response offsets)."""
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.tokens.numel())
+
+    def split_responses(self, per_token: torch.Tensor) -> list:
+        """Cut a tensor over the response-token axis N (dim 0) into one tensor per response."""
+        cu = self.response_cu.tolist()
+        return [per_token[cu[i]:cu[i + 1]] for i in range(len(cu) - 1)]
+
+
 @dataclass
-class PackedBatch:
+class PackedBatch(_ResponseRows):
     """One pad-free shared-prefix micro-batch (canonical order). All tensors are on CPU.
 
     Per packed position (length T): ``tokens``, ``position_ids``, ``group_id``,
@@ -83,14 +96,6 @@ class PackedBatch:
     prompt_lens: list = field(default_factory=list)
     response_lens: list = field(default_factory=list)
 
-    @property
-    def num_tokens(self) -> int:
-        return int(self.tokens.numel())
-
-    def split_responses(self, per_token: torch.Tensor) -> list:
-        """Cut a tensor over the response-token axis N (dim 0) into one tensor per response."""
-        cu = self.response_cu.tolist()
-        return [per_token[cu[i]:cu[i + 1]] for i in range(len(cu) - 1)]
 
 
 def group_tokens(group: Group) -> int:

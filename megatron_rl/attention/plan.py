@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from megatron_rl.attention.packing import PackedBatch, PackingError
+from megatron_rl.attention.packing import PackedBatch, PackingError, _ResponseRows
 
 PAD_GROUP = -2  # group/response id of pad rows; pads attend causally among their own block
 
@@ -53,7 +53,7 @@ class AttentionPlan:
 
 
 @dataclass
-class LocalBatch:
+class LocalBatch(_ResponseRows):
     """What one rank feeds the model for one micro-batch.
 
     ``tokens``/``position_ids``: (T_local,). ``logit_index``/``targets``/``advantages``:
@@ -71,14 +71,6 @@ class LocalBatch:
     plan: AttentionPlan
     global_index: torch.Tensor  # (T_local,) canonical position each row computes (copies repeat
     #                             the last prompt token); -1 for pad
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.tokens.numel())
-
-    def split_responses(self, per_token: torch.Tensor) -> list:
-        cu = self.response_cu.tolist()
-        return [per_token[cu[i]:cu[i + 1]] for i in range(len(cu) - 1)]
 
 
 def _round_up(n: int, multiple: int) -> int:
