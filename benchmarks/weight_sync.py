@@ -56,17 +56,17 @@ class TimedEngine:
     def shard_shapes(self):
         return {n: s.shape for n, s in self.engine.weights.slots.items()}
 
-    def _timed(self, fn, *a):
+    def _timed(self, fn, *a, **kw):
         t = time.perf_counter()
-        out = fn(*a)
+        out = fn(*a, **kw)
         self.seconds += time.perf_counter() - t
         return out
 
     def begin_weight_update(self):
         self._timed(self.engine.begin_weight_update)
 
-    def load_shards(self, shards):
-        self._timed(self.engine.load_shards, shards)
+    def load_shards(self, shards, *, donate=False):
+        self._timed(self.engine.load_shards, shards, donate=donate)
 
     def end_weight_update(self):
         self._timed(self.engine.end_weight_update)  # also resets the prefix cache

@@ -28,7 +28,9 @@ from typing import Iterable, Optional, Sequence
 
 import torch
 
-PHASES = ("rollout", "release", "train", "sync", "resume")
+PHASES = ("rollout", "release", "train", "sync", "resume")  # every step has these
+OPTIONAL_PHASES = ("ref",)  # the KL reference's forward (algorithm.kl_coef > 0)
+TABLE_ORDER = ("rollout", "release", "ref", "train", "sync", "resume")  # phase_table rows, in step order
 _MIB = float(1 << 20)
 
 # Every field the trainer writes per step; the end-to-end test checks all of them.
@@ -76,7 +78,9 @@ class PhaseTimer:
     """Wall time and memory of each named phase of a step.
 
     ``with timer.phase("train"): ...`` adds the phase's seconds (a phase may run several
-    times per step) and records the memory at its end. :meth:`step_metrics` returns them and
+    times per step) and records the memory at its end. A phase opened inside another (e.g.
+    "ref" inside "train") is timed on its own and its seconds are not counted in the outer
+    one, so the phases still add up to at most the step. :meth:`step_metrics` returns them and
     starts the next step. On GPU the device is synchronised so the time covers the kernels.
     """
 
@@ -84,21 +88,33 @@ class PhaseTimer:
         self.device = device
         self._seconds: dict[str, float] = {}
         self._memory: dict[str, dict[str, float]] = {}
+        self._open: list = []  # [name, start] of the phases entered and not yet left, outermost first
         self._step_start = time.perf_counter()
 
     def _sync(self) -> None:
         if self.device is not None and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    def _stop(self, entry: list, now: float) -> None:
+        self._seconds[entry[0]] = self._seconds.get(entry[0], 0.0) + now - entry[1]
+
     @contextmanager
     def phase(self, name: str):
         self._sync()
-        start = time.perf_counter()
+        now = time.perf_counter()
+        if self._open:  # pause the enclosing phase
+            self._stop(self._open[-1], now)
+        entry = [name, now]
+        self._open.append(entry)
         try:
             yield
         finally:
             self._sync()
-            self._seconds[name] = self._seconds.get(name, 0.0) + time.perf_counter() - start
+            now = time.perf_counter()
+            self._stop(entry, now)
+            self._open.pop()
+            if self._open:  # the enclosing phase runs again from now
+                self._open[-1][1] = now
             self._memory[name] = memory_mib(self.device)
 
     def step_metrics(self) -> dict[str, float]:
@@ -115,7 +131,7 @@ class PhaseTimer:
         return out
 
 
-def phase_table(metrics: dict, *, phases: Sequence[str] = PHASES) -> str:
+def phase_table(metrics: dict, *, phases: Sequence[str] = TABLE_ORDER) -> str:
     """A small fixed-width table of the phases' time, share of the step, and memory."""
     step_s = metrics.get("time/step_s") or sum(metrics.get(f"time/{p}_s", 0.0) for p in phases) or 1.0
     mem_kind = "reserved" if any(k.endswith("_reserved_mib") for k in metrics) else "rss"
@@ -251,7 +267,16 @@ class MetricsLogger:
         if self._bar is not None:
             self._bar.set_postfix({k.replace("/mean", ""): f"{row[k]:.4g}"
                                    for k in summary_keys if isinstance(row.get(k), (int, float))}, refresh=False)
-            self._bar.update(step + 1 - self._bar.n)  # steps between logged rows count too
+            if step + 1 >= self._bar.total:
+                # The last step: draw the final line exactly once. A plain update() may draw it,
+                # then every later print() would redraw it under its text, and close() once more
+                # (three copies in any log that keeps carriage returns). Closing now draws it
+                # once; later prints are plain lines.
+                self._bar.n = step + 1
+                self._bar.close()
+                self._bar = None
+            else:
+                self._bar.update(step + 1 - self._bar.n)  # steps between logged rows count too
 
     def print(self, text: str) -> None:
         """A human line from rank 0 that does not break the progress bar."""

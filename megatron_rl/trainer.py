@@ -5,7 +5,10 @@ One step, on every rank, in this order::
     rollout   vLLM samples G responses per prompt (each replica its share), with log-probs;
               responses are gathered, rewards scored, group advantages computed
     release   vLLM frees its KV cache and weights: the memory goes back to training
-    train     megatron-core trains this DP rank's groups, shared-prefix packed
+    ref       (algorithm.kl_coef > 0) the frozen reference is onloaded, scores the same packed
+              micro-batches (forward only) and is offloaded again
+    train     megatron-core trains this DP rank's groups, shared-prefix packed (train.shared_prefix=
+              false: naive, every response its own [P, R_i] sequence)
     resume    vLLM re-allocates its weights ...
     sync      ... receives the new weights straight from the megatron shards (no full gather)
     resume    ... and its KV cache; the prefix cache is reset (it holds stale KV)
@@ -88,29 +91,45 @@ def _global_sums(loss: GRPOLoss) -> tuple[torch.Tensor, float]:
     return sums / ps.get_tensor_model_parallel_world_size(), float(mx.item())
 
 
-def train_step(eng, cfg: Config, batch: RolloutBatch, advantages: torch.Tensor, *, lr: float) -> dict:
+def train_step(eng, cfg: Config, batch: RolloutBatch, advantages: torch.Tensor, *, lr: float, ref=None,
+               phase=None) -> dict:
     """Optimizer step(s) on this rank's groups, one per mini-batch. Returns the global loss and its
-    statistics (over all mini-batches and ranks), the mean grad norm (before clipping) and lr."""
+    statistics (over all mini-batches and ranks), the mean grad norm (before clipping) and lr.
+
+    ``ref`` (a :class:`megatron_rl.train.reference.ReferenceModel`) is required when
+    ``algorithm.kl_coef > 0``; it is onloaded for its forward and offloaded right after, timed
+    as phase "ref" by ``phase`` (a ``phase(name)`` context-manager factory) when given.
+    """
     from megatron.core import parallel_state as ps
 
     from megatron_rl.attention import make_batches, make_forward_fn
+    from megatron_rl.attention.packing import group_tokens, naive_tokens
 
+    if cfg.algorithm.kl_coef > 0 and ref is None:
+        raise ValueError("algorithm.kl_coef > 0 needs the reference model: pass ref=make_reference(cfg, ...)")
     for group in eng.optimizer.param_groups:
         group["lr"] = lr
     shards = dp_shards(len(batch.prompt_ids), dp_rank=ps.get_data_parallel_rank(),
                        dp_size=ps.get_data_parallel_world_size(), mini_batches=cfg.algorithm.mini_batches)
     rollout_logp = batch.logp_by_key()
     pad = cfg.parallel.tp if cfg.parallel.sequence_parallel else 1
+    shared = cfg.train.shared_prefix
+    size = group_tokens if shared else naive_tokens  # tokens one group occupies in this layout
     mb_batches = []
     for indices in shards:
         groups = make_groups(batch, advantages, indices=indices)
         # about micro_batch_groups groups per micro-batch; the packer keeps groups whole and in order
-        max_tokens = max(len(g.prompt) + sum(map(len, g.responses)) for g in groups) * cfg.train.micro_batch_groups
+        max_tokens = max(size(g) for g in groups) * cfg.train.micro_batch_groups
         mb_batches.append(make_batches(groups, max_tokens=max_tokens, max_seq_len=cfg.rollout.max_model_len,
-                                       cp_size=cfg.parallel.cp, pad_multiple=pad))
+                                       cp_size=cfg.parallel.cp, pad_multiple=pad, shared_prefix=shared))
     # Off-policy mini-batches (all but the first) need the log-probs from before the first update.
-    old_logp = _old_logprobs(eng, shards, mb_batches) if len(shards) > 1 else None
-    loss = GRPOLoss(cfg.algorithm, rollout_logp=rollout_logp, key_of=shards[0].__getitem__, old_logp=old_logp)
+    old_logp = _logprobs(eng, shards, mb_batches) if len(shards) > 1 else None
+    ref_logp = None
+    if cfg.algorithm.kl_coef > 0:
+        with (phase or _no_phase)("ref"), ref.onloaded():
+            ref_logp = _logprobs(ref, shards, mb_batches)
+    loss = GRPOLoss(cfg.algorithm, rollout_logp=rollout_logp, key_of=shards[0].__getitem__, old_logp=old_logp,
+                    ref_logp=ref_logp)
     outs = []
     for indices, batches in zip(shards, mb_batches):
         loss.key_of = indices.__getitem__  # local group index in these micro-batches -> global group
@@ -120,17 +139,38 @@ def train_step(eng, cfg: Config, batch: RolloutBatch, advantages: torch.Tensor, 
     return {"grad_norm": sum(norms) / max(len(norms), 1), "lr": lr, **stats_from_sums(sums, mismatch_max=mx)}
 
 
-def _old_logprobs(eng, shards: list, mb_batches: list) -> dict:
-    """``{(global group, response): (R,)}`` trainer log-probs before any update (last PP stage)."""
+def _logprobs(model, shards: list, mb_batches: list) -> dict:
+    """``{(global group, response): (R,)}`` log-probs of ``model`` (the engine before any update,
+    or the reference: anything with ``forward(batches, forward_fn=...)``) on the last PP stage."""
     from megatron_rl.attention import collect_logprobs, make_forward_fn, pg_loss
     from megatron.core import parallel_state as ps
 
-    old = {}
+    out = {}
     for indices, batches in zip(shards, mb_batches):
-        metrics = eng.forward(batches, forward_fn=make_forward_fn(pg_loss))
+        metrics = model.forward(batches, forward_fn=make_forward_fn(pg_loss))
         got = collect_logprobs(metrics, cp_group=ps.get_context_parallel_group())
-        old.update({(indices[g], i): lp for (g, i), lp in got.items()})
-    return old
+        out.update({(indices[g], i): lp for (g, i), lp in got.items()})
+    return out
+
+
+@contextlib.contextmanager
+def _no_phase(name: str):
+    yield
+
+
+def make_reference(cfg: Config, *, hf_config):
+    """The frozen KL reference (offloaded until used), or None when ``algorithm.kl_coef == 0``.
+
+    It loads the initial weights from HF (``algorithm.ref_hf_path`` or ``model.hf_path``), never
+    from the RL checkpoint: a resumed run gets the same reference as a fresh one.
+    """
+    if cfg.algorithm.kl_coef <= 0:
+        return None
+    from megatron_rl.train.reference import ReferenceModel, reference_path
+
+    return ReferenceModel(hf_config, parallel=cfg.parallel, hf_path=reference_path(cfg.algorithm,
+                          model_path=cfg.model.hf_path), store_dir=os.path.join(cfg.logging.run_dir, "reference"),
+                          dtype=DTYPES[cfg.model.dtype], vocab_divisible_by=cfg.model.make_vocab_size_divisible_by)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,6 +220,7 @@ class Job:
     eng: object
     rollout: object
     sync: object
+    ref: object = None  # the frozen KL reference (algorithm.kl_coef > 0)
 
 
 def setup(cfg: Config, *, hf_config) -> Job:
@@ -203,12 +244,13 @@ def setup(cfg: Config, *, hf_config) -> Job:
     eng = TrainEngine(hf_config, parallel=cfg.parallel, train=cfg.train, dtype=DTYPES[cfg.model.dtype],
                       hf_path=cfg.model.hf_path, core_attention=SharedPrefixCoreAttention, vocab_divisible_by=divisible)
     enable_shared_prefix(eng.model)
+    ref = make_reference(cfg, hf_config=hf_config)
     rollout = start_rollout(cfg, world_size=world, rank=rank)
     shape = ModelShape.from_hf_config(hf_config)
     sync = WeightSync(eng.model, rollout, src_layout=megatron_layout(shape, grid, vocab_divisible_by=divisible),
                       dst_layout=vllm_layout(shape, tp=cfg.rollout.tp, world_size=world), timeout=cfg.parallel.timeout_s)
     return Job(cfg=cfg, rank=rank, world=world, tokenizer=tok, data=data, reward_fn=get_reward(cfg.data.reward),
-               eng=eng, rollout=rollout, sync=sync)
+               eng=eng, rollout=rollout, sync=sync, ref=ref)
 
 
 def score(job: Job, rows: list, batch: RolloutBatch) -> list[float]:
@@ -251,7 +293,7 @@ def train(cfg: Config, *, hf_config, rt=None) -> dict:
         with timer.phase("train"):
             lr = lr_at(step, lr=t.lr, min_lr=t.min_lr, total_steps=t.steps, warmup_steps=t.lr_warmup_steps,
                        schedule=t.lr_schedule)
-            out = train_step(eng, cfg, batch, adv, lr=lr)
+            out = train_step(eng, cfg, batch, adv, lr=lr, ref=job.ref, phase=timer.phase)
         with timer.phase("resume"):
             rollout.resume(("weights",))
         with timer.phase("sync"):
@@ -304,13 +346,19 @@ class _NoRuntime:
 
 
 def check_supported(cfg: Config) -> None:
-    """Options the config accepts but this loop does not run yet: fail before any work."""
-    if cfg.algorithm.kl_coef > 0:
-        raise ConfigError("config error: algorithm.kl_coef: the reference-model KL is not wired into the trainer "
-                          "yet; fix: set algorithm.kl_coef=0")
-    if not cfg.train.shared_prefix:
-        raise ConfigError("config error: train.shared_prefix: the trainer packs groups shared-prefix only; "
-                          "fix: set train.shared_prefix=true")
+    """Checks this loop adds to the config's own: fail before any work (one line naming the field)."""
+    a = cfg.algorithm
+    if a.kl_coef > 0 and a.ref_hf_path and os.path.abspath(a.ref_hf_path) != os.path.abspath(cfg.model.hf_path):
+        from transformers import AutoConfig
+
+        from megatron_rl.resharding.layout import ModelShape
+
+        want = vars(ModelShape.from_hf_config(AutoConfig.from_pretrained(cfg.model.hf_path)))
+        got = vars(ModelShape.from_hf_config(AutoConfig.from_pretrained(a.ref_hf_path)))
+        diff = ", ".join(f"{k} {got[k]} != {want[k]}" for k in want if got[k] != want[k])
+        if diff:
+            raise ConfigError(f"config error: algorithm.ref_hf_path: {a.ref_hf_path!r} has another shape than the "
+                              f"policy's model.hf_path ({diff}); fix: use a reference with the policy's architecture")
 
 
 def main(argv: Optional[list] = None) -> int:

@@ -201,8 +201,9 @@ def test_dp_shards_and_groups_by_hand():
     assert [list(g.advantages) for g in groups] == [[0.5, -0.5], [0.0, 0.0]]
 
 
+@pytest.mark.parametrize("kl_coef", [0.0, 0.1])
 @pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"])
-def test_grpo_loss_over_packed_microbatches_equals_direct_objective(mode):
+def test_grpo_loss_over_packed_microbatches_equals_direct_objective(mode, kl_coef):
     from megatron_rl.algorithms.grpo import GRPOLoss, make_groups, stats_from_sums
     from megatron_rl.attention.packing import pack_groups
     from megatron_rl.attention.plan import build_local
@@ -210,24 +211,28 @@ def test_grpo_loss_over_packed_microbatches_equals_direct_objective(mode):
 
     batch = _rollout_batch()
     adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, -2.0])
-    algo = AlgorithmConfig(group_size=2, loss_agg=mode, tis_cap=1.02, clip_low=0.2, clip_high=0.28)
+    algo = AlgorithmConfig(group_size=2, loss_agg=mode, tis_cap=1.02, clip_low=0.2, clip_high=0.28, kl_coef=kl_coef)
     g = torch.Generator().manual_seed(1)
     # the trainer's log-probs: the rollout's plus a small mismatch, per (group, response)
     train = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in batch.logp_by_key().items()}
+    # the reference model's log-probs (used when kl_coef > 0): further away
+    ref_table = {k: v - 0.3 * torch.rand(v.shape, generator=g) for k, v in train.items()}
     # Direct: pad all 6 responses into (6, 4) and call the objective once.
     keys = [(gi, i) for gi in range(3) for i in range(2)]
     lp = torch.zeros(6, 4)
     roll = torch.zeros(6, 4)
+    ref = torch.zeros(6, 4)
     mask = torch.zeros(6, 4)
     for b, k in enumerate(keys):
         n = train[k].numel()
-        lp[b, :n], roll[b, :n], mask[b, :n] = train[k], batch.logp_by_key()[k], 1
+        lp[b, :n], roll[b, :n], ref[b, :n], mask[b, :n] = train[k], batch.logp_by_key()[k], ref_table[k], 1
     lp.requires_grad_(True)
     want, st = policy_objective(lp, old_logp=lp.detach(), advantages=adv, mask=mask, clip_low=0.2, clip_high=0.28,
-                                loss_agg=mode, rollout_logp=roll, tis_cap=1.02)
+                                loss_agg=mode, rollout_logp=roll, tis_cap=1.02, ref_logp=ref, kl_coef=kl_coef)
     want.backward()
     # Packed: groups [0] and [1, 2] in two micro-batches; the loss sees (N_local,) log-probs.
-    loss = GRPOLoss(algo, rollout_logp=batch.logp_by_key(), key_of=lambda j: j)
+    loss = GRPOLoss(algo, rollout_logp=batch.logp_by_key(), key_of=lambda j: j,
+                    ref_logp=ref_table if kl_coef else None)
     nums, dens, grads = [], [], {}
     for indices in ([0], [1, 2]):
         (packed,) = pack_groups(make_groups(batch, adv, indices=indices), max_tokens=64)
@@ -246,8 +251,9 @@ def test_grpo_loss_over_packed_microbatches_equals_direct_objective(mode):
         _close(grads[k] / total_den, lp.grad[b, :train[k].numel()])
     got = stats_from_sums(loss.sums(), mismatch_max=loss.mismatch_max)
     _close(got["loss"], want.detach())
-    for name in ("pg_loss", "clip_frac", "tis_weight_mean", "tis_clip_frac"):
+    for name in ("pg_loss", "kl", "clip_frac", "tis_weight_mean", "tis_clip_frac"):
         _close(got[name], st[name])
+    assert (got["kl"] > 1e-3) == (kl_coef > 0)  # the KL statistic is reported (and non-trivial) with a reference
     mm = logprob_mismatch(lp.detach(), rollout_logp=roll, mask=mask)
     assert got["mismatch/abs_mean"] == pytest.approx(mm["mismatch_abs_mean"], abs=1e-6)
     assert got["mismatch/abs_max"] == pytest.approx(mm["mismatch_abs_max"], abs=1e-6)

@@ -4,8 +4,10 @@ One torchrun launch (world 4) converts each tiny family to Megatron at every (TP
 {(1,1), (2,1), (1,2), (2,2), (4,1)} (DP fills the world), loads a fresh model from each
 converted checkpoint and compares its logits with HF transformers' (fp32, max abs <= 1e-5);
 qwen2 skips (4,1) because TP 4 does not divide its 2 kv heads. The same launch checks
-HF -> M(2,2) -> HF and M(2,2) -> M(1,1) -> HF bitwise for every tensor. A second test drives the
-real CLI (the launching parent, its own torchrun runs, the atomic publish) for a reshard.
+HF -> M(2,2) -> HF and M(2,2) -> M(1,1) -> HF bitwise for every tensor, and (last) the RL-checkpoint
+round trip of the distributed optimizer (moved here from test_rl_checkpoint.py to share the world-4
+launch). A further test drives the real CLI (the launching parent, its own torchrun runs, the
+atomic publish) for a reshard.
 """
 import os
 import subprocess
@@ -25,11 +27,11 @@ def matrix(tiny_models, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("ckpt-matrix"))
     _, results = torchrun(os.path.join(REPO, "tests", "workers", "ckpt_matrix.py"), nproc=4, out_dir=out,
                           args=[f"{f}={tiny_models[f]}" for f in FAMILIES], timeout=600)
-    return out, results[0]
+    return out, results[0], results
 
 
 def test_logits_match_hf_at_every_layout(matrix):
-    _, res = matrix
+    _, res, _ = matrix
     expected = {f"{f} tp{tp}pp{pp}" for f in FAMILIES for tp, pp in [(1, 1), (2, 1), (1, 2), (2, 2), (4, 1)]}
     expected -= {"qwen2 tp4pp1"}
     assert res["skipped"] == ["qwen2 tp4pp1: tp does not divide kv_heads=2"]
@@ -43,7 +45,7 @@ def test_logits_match_hf_at_every_layout(matrix):
 
 @pytest.mark.parametrize("path", ["hf->m22->hf", "m22->m11->hf"])
 def test_round_trips_are_bitwise(matrix, path):
-    _, res = matrix
+    _, res, _ = matrix
     for f in FAMILIES:
         r = res[f"{f} {path}"]
         assert r["names_equal"] and r["unequal"] == [] and r["tensors"] >= 39, (f, r)
@@ -63,18 +65,32 @@ def _global_tensors(ckpt_dir):
 
 
 def test_cli_reshard_matches_direct_conversion(matrix):
-    """`convert reshard` (two torchruns launched by the tool) == converting HF at the target layout."""
-    out, _ = matrix
-    src = os.path.join(out, "work", "qwen3-tp2pp2")
-    dst = os.path.join(out, "cli-qwen3-tp1pp2")
+    """`convert reshard` (two torchruns launched by the tool) == converting HF at the target layout.
+
+    TP1 x PP2 -> TP2 x PP1 changes both degrees; each of the tool's torchruns has 2 ranks."""
+    out, _, _ = matrix
+    src = os.path.join(out, "work", "qwen3-tp1pp2")
+    dst = os.path.join(out, "cli-qwen3-tp2pp1")
     r = subprocess.run([sys.executable, "-m", "megatron_rl.cli", "convert", "reshard", "--src", src, "--out", dst,
-                        "--tp", "1", "--pp", "2", "--no-progress"], cwd=REPO, capture_output=True, text=True,
+                        "--tp", "2", "--pp", "1", "--no-progress"], cwd=REPO, capture_output=True, text=True,
                        timeout=400, env=dict(os.environ, PYTHONPATH=REPO))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert f"wrote {dst}" in r.stdout
     assert not [p for p in os.listdir(out) if p.startswith(".cli-qwen3")]
-    direct = _global_tensors(os.path.join(out, "work", "qwen3-tp1pp2"))
+    direct = _global_tensors(os.path.join(out, "work", "qwen3-tp2pp1"))
     via_cli = _global_tensors(dst)
     assert sorted(direct) == sorted(via_cli) and len(direct) > 10
     for k in direct:
         assert torch.equal(direct[k], via_cli[k]), k
+
+
+def test_distributed_optimizer_rl_checkpoint_round_trip(matrix):
+    """The distributed optimizer (torch-Adam fallback, fully_reshardable) resumes bitwise too
+    (megatron_rl.checkpoint.rl; TP2 x DP2, llama): the 2 steps after the resume are exact."""
+    _, _, ranks = matrix
+    for r in ranks:
+        r = r["distopt"]
+        assert "error" not in r, r.get("error")
+        assert r["step"] == 1 and r["extra"] == {"x": 7}
+        assert r["got"] == r["ref"], r  # exact: loss and grad norm of the 2 steps after the resume
+        assert r["ref"][0] != r["first"][0]

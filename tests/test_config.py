@@ -186,7 +186,8 @@ def test_check_files_passes_on_real_inputs(tmp_path):
     (["rollout.tp=3"], "config error: rollout.tp: 3 does not divide world size 4"),
     (["model.hf_path=runs/none/model"], "config error: model.hf_path: 'runs/none/model' holds no config.json"),
     (["algorithm.group_size=1"], "config error: algorithm.group_size: GRPO needs >= 2"),
-    (["algorithm.kl_coef=0.1"], "config error: algorithm.kl_coef: the reference-model KL is not wired"),
+    (["algorithm.kl_coef=0.1", "algorithm.ref_hf_path=runs/none/ref"],
+     "config error: algorithm.ref_hf_path: 'runs/none/ref' holds no config.json"),
 ])
 def test_train_cli_prints_one_line_and_exits_2(overrides, expected, capsys, monkeypatch, tmp_path):
     from megatron_rl import cli

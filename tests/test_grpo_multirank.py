@@ -1,5 +1,6 @@
 """Tier 2: the trainer's GRPO step gives the same loss, statistics and updated weights at every
-training layout (real megatron-core over gloo, 4 processes, one launch)."""
+training layout, on naive packing as on shared-prefix packing, and with the KL to a frozen,
+offloaded reference model (real megatron-core over gloo, 4 processes, one launch)."""
 import os
 
 import pytest
@@ -8,14 +9,22 @@ from _launch import REPO, torchrun
 
 pytestmark = pytest.mark.multirank
 
-# (tp, pp, mini_batches) on 4 ranks: DP fills the rest. Pairs with equal mini_batches must agree.
-LAYOUTS = ["2,2,1", "1,1,1", "2,1,2", "1,2,2"]
+# (tp, pp, mini_batches[, variant]) on 4 ranks: DP fills the rest. Pairs with equal mini_batches must agree.
+LAYOUTS = ["2,2,1", "1,1,1", "2,1,2", "1,2,2", "2,1,2,naive", "2,2,1,kl"]
+KL_COEF = 0.1  # tests/workers/grpo_step.py
+STATS = ("loss", "pg_loss", "clip_frac", "tis_weight_mean", "mismatch/abs_mean", "grad_norm")
 
 
-def test_grpo_step_matches_across_layouts(tiny_models, tmp_path):
-    _, res = torchrun(os.path.join(REPO, "tests", "workers", "grpo_step.py"), nproc=4, out_dir=str(tmp_path),
+@pytest.fixture(scope="module")
+def results(tiny_models, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("grpo_step")
+    _, res = torchrun(os.path.join(REPO, "tests", "workers", "grpo_step.py"), nproc=4, out_dir=str(tmp),
                       args=[tiny_models["llama"], *LAYOUTS], timeout=900)
-    out = res[0]
+    return res
+
+
+def test_grpo_step_matches_across_layouts(results):
+    out = {spec: r["steps"] for spec, r in results[0].items()}
     for spec in LAYOUTS:
         first, second = out[spec]
         # the "rollout" log-probs are the trainer's own: no mismatch, TIS weights exactly 1
@@ -24,8 +33,39 @@ def test_grpo_step_matches_across_layouts(tiny_models, tmp_path):
         assert second["mismatch/abs_mean"] > 1e-3 and second["mismatch/kl_k3"] > 0, (spec, second)
     for a, b in [("2,2,1", "1,1,1"), ("2,1,2", "1,2,2")]:
         for step in range(2):  # step 1's loss depends on step 0's update: equal weights after it
-            for key in ("loss", "pg_loss", "clip_frac", "tis_weight_mean", "mismatch/abs_mean", "grad_norm"):
+            for key in STATS:
                 x, y = out[a][step][key], out[b][step][key]
                 assert x == pytest.approx(y, rel=1e-4, abs=1e-6), (a, b, step, key, x, y)
     assert out["2,1,2"][0]["clip_frac"] > 0  # the second mini-batch is off-policy: the PPO clip bites
     assert out["2,2,1"][0]["clip_frac"] == 0  # on-policy single update: ratio 1, nothing clipped
+
+
+def test_naive_packing_equals_shared_prefix(results):
+    """train.shared_prefix=false (G sequences [P, R_i]) is the same step as shared-prefix packing:
+    same layout (TP2 x DP2, two mini-batches, so old log-probs and the clip are exercised)."""
+    naive, shared = results[0]["2,1,2,naive"]["steps"], results[0]["2,1,2"]["steps"]
+    for step in range(2):
+        for key in (*STATS, "mismatch/abs_max", "mismatch/kl_k3", "tis_clip_frac"):
+            x, y = naive[step][key], shared[step][key]
+            assert abs(x - y) <= 1e-5 * max(1.0, abs(y)), (step, key, x, y)
+
+
+def test_kl_to_reference(results):
+    """algorithm.kl_coef > 0: the reference equals the initial policy (KL 0 at step 0, and the same
+    step as without KL), differs after an update, and leaves memory when offloaded."""
+    kl, plain = results[0]["2,2,1,kl"]["steps"], results[0]["2,2,1"]["steps"]
+    assert kl[0]["kl"] <= 1e-6, kl[0]
+    for key in STATS:  # the k3 KL and its gradient are exactly 0 where logp == ref_logp
+        assert kl[0][key] == pytest.approx(plain[0][key], rel=1e-6, abs=1e-7), (key, kl[0][key], plain[0][key])
+    assert kl[1]["kl"] > 1e-6, kl[1]  # one update later the policy has moved away from the reference
+    assert kl[1]["pg_loss"] == pytest.approx(plain[1]["pg_loss"], rel=1e-5, abs=1e-7)  # same weights after step 0
+    assert kl[1]["loss"] == pytest.approx(kl[1]["pg_loss"] + KL_COEF * kl[1]["kl"], rel=1e-6, abs=1e-9)
+    assert results[0]["2,2,1,kl"]["phases"] == ["ref", "ref"]  # timed as its own phase, once per step
+    assert results[0]["2,2,1"]["phases"] == []
+    for rank, res in enumerate(results):
+        c = res["2,2,1,kl"]["checks"]
+        assert c["ref_vs_policy_max_abs"] == 0.0, (rank, c)  # initial policy == reference, bitwise
+        assert c["ref_bitwise_after_reload"], (rank, c)  # offload + onload changes no bit
+        # offload gives back the reference's parameter bytes, onload takes them again (this rank's RSS)
+        assert 0.97 <= c["rss_drop"] / c["param_bytes"] <= 1.03, (rank, c)
+        assert 0.97 <= c["rss_rise"] / c["param_bytes"] <= 1.03, (rank, c)

@@ -97,3 +97,37 @@ def test_step_fields_cover_phases():
         assert f"time/{p}_s" in STEP_FIELDS and f"mem/{p}_mib" in STEP_FIELDS
     assert len(set(STEP_FIELDS)) == len(STEP_FIELDS)
     json.dumps(STEP_FIELDS)
+
+
+def test_nested_phase_is_timed_on_its_own():
+    """The KL reference's "ref" phase runs inside "train": its seconds are not counted twice."""
+    timer = PhaseTimer()
+    with timer.phase("train"):
+        time.sleep(0.03)
+        with timer.phase("ref"):
+            time.sleep(0.06)
+        time.sleep(0.03)
+    m = timer.step_metrics()
+    assert 0.06 <= m["time/ref_s"] < 2.0
+    assert 0.06 <= m["time/train_s"] < m["time/ref_s"] + 0.06, m  # ~0.06 s, the ref's 0.06 s excluded
+    assert m["time/step_s"] >= m["time/train_s"] + m["time/ref_s"]
+    assert "mem/ref_mib" in m and "mem/train_mib" in m
+    assert [line.split()[0] for line in phase_table(m).splitlines()[1:]] == ["ref", "train", "step"]
+    assert "time/ref_s" not in STEP_FIELDS  # optional: only runs with algorithm.kl_coef > 0
+
+
+def test_progress_bar_final_line_printed_once():
+    """The last step's bar line appears once, even when lines are printed after it and the bar
+    was due for a redraw (before the fix: 3 copies, from the update, each later print, close)."""
+    out = io.StringIO()
+    log = MetricsLogger("unused", rank=0, total_steps=3, jsonl=False, stream=out)
+    log.log(0, {"reward/mean": 0.1})
+    log.log(1, {"reward/mean": 0.2})
+    time.sleep(0.55)  # past the bar's mininterval (0.5 s): an update would redraw now
+    log.log(2, {"reward/mean": 0.3})
+    log.print("step 2: phase table")
+    log.print("mean reward per step: ...")
+    log.close()
+    text = out.getvalue()
+    assert text.count("3/3") == 1, repr(text)
+    assert text.endswith("step 2: phase table\nmean reward per step: ...\n"), repr(text)  # plain lines after it

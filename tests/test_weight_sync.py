@@ -32,7 +32,7 @@ class Engine:
     def begin_weight_update(self):
         self.calls.append("begin")
 
-    def load_shards(self, shards):
+    def load_shards(self, shards, *, donate=False):
         for n, t in shards:
             self.got[n] = t.clone()
 
@@ -121,3 +121,29 @@ def test_rollout_model_mismatch_raises_before_any_byte_moves():
     with pytest.raises(WeightSyncError, match=r"rollout parameter 'model.norm.weight' has shape \(7,\)"):
         WeightSync([model], live, src_layout=src, dst_layout=untied, bucket_bytes=8192, rank=0, transport=NoTransport())
     assert eng.calls == [] and live.calls == []
+
+
+def test_gloo_coalescing_round_trips_every_slice_in_plan_order():
+    """Sends to one peer travel as one flat message; the receiver, listing its receives in the
+    same (plan) order, scatters it back exactly. Two dtypes to one peer stay two messages."""
+    import torch
+
+    from megatron_rl.resharding.transport import Transfer, _by_peer, _coalesce
+
+    g = torch.Generator().manual_seed(0)
+    src = [torch.randn(3, 4, generator=g), torch.randn(5, generator=g), torch.randn(2, 2, generator=g).double(),
+           torch.randn(7, generator=g)]
+    sends = [Transfer(1, t, i, f"p{i}") for i, t in enumerate(src)] + [Transfer(2, torch.ones(3), 9, "other")]
+    recvs = [Transfer(0, torch.empty_like(t), i, f"p{i}") for i, t in enumerate(src)]
+    out_s = [_coalesce(items, fill=True) for items in _by_peer(sends)]
+    out_r = [_coalesce(items, fill=False) for items in _by_peer(recvs)]
+    assert [(t.peer, t.tensor.dtype, t.tensor.numel()) for t, _ in out_s] == \
+        [(1, torch.float32, 24), (1, torch.float64, 4), (2, torch.float32, 3)]
+    assert out_s[2][1] is None and out_s[2][0] is sends[-1]  # a lone contiguous tensor goes as is
+    for (sent, _), (got, unpack) in zip(out_s, out_r):  # "the network": the flat buffers match up
+        got.tensor.copy_(sent.tensor)
+        flat, parts = unpack if unpack is not None else (got.tensor.view(-1), [])
+        for t, off in parts:
+            t.tensor.view(-1).copy_(flat[off:off + t.tensor.numel()])
+    for t, r in zip(src, recvs):
+        assert torch.equal(t, r.tensor)

@@ -5,6 +5,10 @@ Megatron (t_m, p_m) layouts against it. After every sync, each vLLM parameter on
 (read back bitwise from vLLM's packed kernels) equals what vLLM holds after loading the HF
 checkpoint itself, and greedy generations are identical. The bytes that crossed ranks,
 summed over ranks, equal the plan's bytes_moved, which equals the lower bound.
+
+Three launches (a launch with vLLM costs tens of seconds on 2 cores), each shared by the tests
+that read it: world 8 (qwen2, t_v=4 x 2 replicas, dummy start, four Megatron layouts), world 4
+(qwen3, t_v=2 x 2, then the no-vLLM sweep and the dead-rank fault) and world 2 (t_v=1 x 2).
 """
 import os
 
@@ -35,6 +39,26 @@ def _launch(tmp_path, script, nproc, args, timeout=900):
     return res
 
 
+Q2_TV4_CASES = ["2x2", "1x2", "2x1", "1x1"]
+Q3_TV2_CASES = ["4x1", "2x2", "1x1"]
+FAULT_TIMEOUT = 4.0
+
+
+@pytest.fixture(scope="module")
+def q2_tv4_world8(tmp_path_factory, models):
+    """World 8: Megatron layouts with DP 2..8 -> vLLM TP4 x 2 replicas, engine started dummy."""
+    return _launch(tmp_path_factory.mktemp("q2-tv4-w8"), "sync_exact.py", 8,
+                   ["--model", "q2", "--tv", "4", "--cases", ",".join(Q2_TV4_CASES), "--dummy"])
+
+
+@pytest.fixture(scope="module")
+def q3_tv2_then_fault(tmp_path_factory, models):
+    """World 4: qwen3 -> vLLM TP2 x 2, then the sweep without vLLM, then rank 3 stalls mid-sync."""
+    return _launch(tmp_path_factory.mktemp("q3-tv2-fault"), "sync_exact.py", 4,
+                   ["--model", "q3", "--tv", "2", "--cases", ",".join(Q3_TV2_CASES), "--sweep-cases", "2x2,4x1,1x2",
+                    "--sweep-tvs", "1,2,4", "--victim", "3", "--timeout", FAULT_TIMEOUT, "--stall", 3 * FAULT_TIMEOUT])
+
+
 def _check_exact(res, cases):
     world = len(res)
     for r in res:
@@ -56,41 +80,41 @@ def _check_exact(res, cases):
     return world
 
 
-def test_kv_replication_tied_bias_dummy_start_tv4(tmp_path, models):
-    """qwen2 (2 kv heads < t_v=4: replicated; tied; qkv bias; vocab 250), engine started dummy."""
-    cases = ["2x2", "1x2", "2x1", "1x1"]
-    res = _launch(tmp_path, "sync_exact.py", 4, ["--model", "q2", "--tv", "4", "--cases", ",".join(cases), "--dummy"])
-    _check_exact(res, cases)
+def test_kv_replication_tied_bias_dummy_start_tv4(q2_tv4_world8):
+    """qwen2 (2 kv heads < t_v=4: replicated; tied; qkv bias; vocab 250), engine started dummy;
+    Megatron 2x2, 1x2, 2x1, 1x1 (DP 2, 4, 4, 8) into both replicas of the world-8 launch."""
+    res = q2_tv4_world8
+    _check_exact(res, Q2_TV4_CASES)
+    assert all(r["dummy"] and r["tv"] == 4 for r in res)
     assert res[0]["cases"][0]["bytes_moved"] > 0
 
 
-def test_untied_qk_norm_tm4_tv2(tmp_path, models):
+def test_untied_qk_norm_tm4_tv2(q3_tv2_then_fault):
     """qwen3 (untied lm_head, qk-norm): t_m=4 -> t_v=2 x 2 replicas, reference from a direct HF load."""
-    cases = ["4x1", "2x2", "1x1"]
-    res = _launch(tmp_path, "sync_exact.py", 4, ["--model", "q3", "--tv", "2", "--cases", ",".join(cases)])
-    _check_exact(res, cases)
+    assert _check_exact(q3_tv2_then_fault, Q3_TV2_CASES) == 4
 
 
 def test_tv1_two_replicas(tmp_path, models):
+    """World 2: vLLM TP1 x 2 replicas (every rank holds full tensors)."""
     cases = ["2x1", "1x2"]
     res = _launch(tmp_path, "sync_exact.py", 2, ["--model", "q2", "--tv", "1", "--cases", ",".join(cases)])
     _check_exact(res, cases)
 
 
 @pytest.mark.slow
-def test_world8_tv4_two_replicas(tmp_path, models):
-    """World 8: Megatron TP2 x PP2 x DP2 (DP replicas spread the load) -> vLLM TP4 x 2 replicas."""
-    cases = ["2x2"]
-    res = _launch(tmp_path, "sync_exact.py", 8, ["--model", "q2", "--tv", "4", "--cases", ",".join(cases)])
-    assert _check_exact(res, cases) == 8
+def test_world8_tv4_two_replicas(q2_tv4_world8):
+    """World 8: Megatron TP2 x PP2 x DP2 (DP replicas spread the load) -> vLLM TP4 x 2 replicas
+    (the 2x2 case of the shared world-8 launch; its other layouts have DP 4 and 8)."""
+    res = q2_tv4_world8
+    assert _check_exact(res, Q2_TV4_CASES) == 8 and all(r["world"] == 8 for r in res)
 
 
-def test_sweep_then_stalled_rank_times_out(tmp_path, models):
+def test_sweep_then_stalled_rank_times_out(q3_tv2_then_fault):
     """No vLLM: t_m x p_m in {2x2, 4x1, 1x2} -> t_v in {1, 2, 4} into a recording receiver, exact;
     then rank 3 stalls mid-sync and every other rank fails within the 4 s timeout naming a peer."""
-    timeout = 4.0
-    res = _launch(tmp_path, "sync_fault.py", 4, ["--cases", "2x2,4x1,1x2", "--tvs", "1,2,4", "--victim", "3",
-                                                 "--timeout", timeout, "--stall", 3 * timeout])
+    timeout = FAULT_TIMEOUT
+    res = q3_tv2_then_fault
+    assert all(len(r["sweep"]) == 9 for r in res)
     for r in res:
         for s in r["sweep"]:
             assert s["mismatched"] == [] and s["bytes_moved"] == s["lower_bound"], s

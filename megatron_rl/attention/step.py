@@ -26,14 +26,39 @@ from megatron_rl.attention.packing import Group, pack_groups
 from megatron_rl.attention.plan import LocalBatch, build_local, local_length
 
 
+def split_responses(groups: Sequence[Group]) -> tuple[list, list]:
+    """The naive layout as groups: each response becomes a one-response group ``[P, R_i]``.
+
+    Returns ``(singletons, keys)``: ``keys[j] = (group index, response index)`` of singleton j.
+    """
+    singles, keys = [], []
+    for g, group in enumerate(groups):
+        for i, resp in enumerate(group.responses):
+            adv = None if group.advantages is None else [group.advantages[i]]
+            singles.append(Group(prompt=group.prompt, responses=[resp], advantages=adv))
+            keys.append((g, i))
+    return singles, keys
+
+
 def make_batches(groups: Sequence[Group], *, max_tokens: int, max_seq_len: Optional[int] = None, cp_size: int = 1,
-                 pad_multiple: int = 1, kernel: str = "auto") -> list:
+                 pad_multiple: int = 1, kernel: str = "auto", shared_prefix: bool = True) -> list:
     """Engine micro-batches: ``{"tokens": (1, CP*T), "locals": [LocalBatch per CP rank], "kernel"}``.
 
     ``tokens`` holds every CP rank's rows back to back (the engine reads the pipeline shape
     from it); the forward step uses ``locals[cp_rank]``.
+
+    ``shared_prefix=False`` is the naive baseline: every response is its own causal sequence
+    ``[P, R_i]`` (the prompt runs G times; :func:`split_responses`), packed back to back without
+    padding. Response keys still name ``(group, response)`` of ``groups``, so the forward step,
+    log-probs and losses are the same code for both layouts.
     """
+    keys = None
+    if not shared_prefix:
+        groups, keys = split_responses(groups)
     packed = pack_groups(groups, max_tokens=max_tokens, max_seq_len=max_seq_len)
+    if keys is not None:
+        for p in packed:
+            p.response_keys = [keys[j] for j, _ in p.response_keys]  # singleton j -> (group, response)
     length = max(local_length(p, cp_size=cp_size, pad_multiple=pad_multiple) for p in packed)
     batches = []
     for p in packed:

@@ -123,6 +123,7 @@ class AlgorithmConfig:
     clip_high: float = 0.28  # DAPO clip-higher
     kl_coef: float = 0.0  # > 0 keeps a frozen reference model (offloaded when unused)
     kl_estimator: str = "k3"  # k1 | k2 | k3 (see megatron_rl.algorithms.losses.kl_penalty)
+    ref_hf_path: Optional[str] = None  # the KL reference's HF weights; None = model.hf_path (never a checkpoint)
     loss_agg: str = "token-mean"  # token-mean | seq-mean-token-sum | seq-mean-token-mean
     tis_cap: Optional[float] = 2.0  # truncated importance sampling for rollout/train mismatch; None disables
     mini_batches: int = 1  # optimizer steps per rollout batch; > 1 makes the PPO clip bite
@@ -351,6 +352,10 @@ class Config:
             _fail("model.hf_path", f"{self.model.hf_path!r} holds no config.json",
                   "point it at a HF model directory (for the tiny demo: megatron-rl make-tiny-model --out "
                   f"{self.model.hf_path})")
+        ref = self.algorithm.ref_hf_path
+        if self.algorithm.kl_coef > 0 and ref and not os.path.isfile(os.path.join(ref, "config.json")):
+            _fail("algorithm.ref_hf_path", f"{ref!r} holds no config.json",
+                  "point it at a HF model directory with the policy's architecture, or unset it to use model.hf_path")
         ds = self.data.dataset
         if not ds.startswith("synthetic:"):
             if not os.path.isfile(ds):

@@ -2,9 +2,10 @@
 
 Every rank calls :func:`run_plan` with the same plan. Per bucket the rank sends the slices it
 owns and receives the slices it needs, over a transport (see :mod:`transport`), and copies
-same-rank slices locally. Destination shards are staged (zero-filled, so vLLM's vocab
-padding is zero) and handed to ``deliver(name, shard)`` as soon as their last bucket lands;
-the staging is then dropped. No rank ever holds more of a parameter than its own shard.
+same-rank slices locally. Destination shards are staged (zero-filled where no op writes, so
+vLLM's vocab padding is zero) and handed to ``deliver(name, shard)`` as soon as their last
+bucket lands; the executor then drops the staging (the receiver may keep it). No rank ever
+holds more of a parameter than its own shard.
 
 Double buffering: bucket k+1 is packed (and its staging allocated) while bucket k is in
 flight. Slices that are contiguous (splits along dim 0) are sent straight from the source
@@ -87,7 +88,8 @@ class _RankRun:
         buf = self.staged.get(op.dst_name)
         if buf is None:
             shape = self.plan.dst_tensors[self.rank][op.dst_name].shape
-            buf = self.staged[op.dst_name] = torch.zeros(shape, dtype=self.dst_dtype, device=self.device)
+            fill = torch.empty if (self.rank, op.dst_name) in self.plan.fully_written else torch.zeros  # padding: 0
+            buf = self.staged[op.dst_name] = fill(shape, dtype=self.dst_dtype, device=self.device)
             self.stats.alloc(buf.numel() * buf.element_size())
         return buf.narrow(op.dim, op.dst_offset, op.length)
 
@@ -150,9 +152,12 @@ def run_plan(plan: Plan, rank: int, *, get_src: Callable[[str], torch.Tensor],
     current = run.prepare(0) if nb else None
     for k in range(nb):
         handle = transport.start(current.sends, current.recvs)   # bucket k in flight
+        in_flight = getattr(transport, "buffer_bytes", 0)         # a transport's own coalescing buffers
+        run.stats.alloc(in_flight)
         run.local_copies(k, current)
         nxt = run.prepare(k + 1) if k + 1 < nb else None          # pack k+1 meanwhile
         transport.wait(handle)
+        run.stats.free(in_flight)
         run.finish(k, current, deliver)
         run.stats.buckets += 1
         if after_bucket is not None:

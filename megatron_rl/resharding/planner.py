@@ -69,6 +69,17 @@ class Plan:
     def num_ops(self) -> int:
         return sum(len(b) for b in self.buckets)
 
+    @functools.cached_property
+    def fully_written(self) -> frozenset[tuple[int, str]]:
+        """(rank, dst_name) of every shard whose elements the ops write all of (every element
+        is written at most once), so its staging needs no zero fill; the others hold padding."""
+        written: dict[tuple[int, str], int] = defaultdict(int)
+        for bucket in self.buckets:
+            for op in bucket:
+                shape = self.dst_tensors[op.dst_rank][op.dst_name].shape
+                written[(op.dst_rank, op.dst_name)] += op.length * (math.prod(shape) // shape[op.dim])
+        return frozenset(k for k, n in written.items() if n == math.prod(self.dst_tensors[k[0]][k[1]].shape))
+
     def rank_ops(self, rank: int, bucket: int) -> list[tuple[int, Op]]:
         """(index in bucket, op) of every op in ``bucket`` that ``rank`` sends or receives."""
         return [(i, op) for i, op in enumerate(self.buckets[bucket]) if rank in (op.src_rank, op.dst_rank)]

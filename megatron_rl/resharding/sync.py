@@ -120,7 +120,7 @@ class WeightSync:
             return self.src[name]
 
         def deliver(name: str, shard: torch.Tensor) -> None:
-            self.engine.load_shards([(name, shard)])
+            self.engine.load_shards([(name, shard)], donate=True)  # the executor drops its staging
 
         self.engine.begin_weight_update()
         # On failure we do NOT call end_weight_update(): it is collective in the engine and a

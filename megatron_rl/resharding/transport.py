@@ -5,12 +5,16 @@ Every wait is bounded: a peer that died or stalled makes ``wait`` raise
 :class:`WeightSyncError` naming that peer rank, within ``timeout`` seconds.
 
 - :class:`TorchP2P`: ``batch_isend_irecv`` over a process group (gloo on CPU, NCCL on GPU;
-  with NCCL every rank of the group must take part in the first batch).
+  with NCCL every rank of the group must take part in the first batch). Over gloo each message
+  is its own TCP send with a fixed cost, so a bucket's transfers to (and from) one peer are
+  coalesced into one flat message: both sides list them in plan order, so the receiver knows
+  every slice's offset. NCCL already fuses a batch into one group launch and sends them as is.
 """
 from __future__ import annotations
 
 import datetime
 from dataclasses import dataclass
+from typing import Optional
 
 
 class WeightSyncError(RuntimeError):
@@ -30,22 +34,40 @@ class Transfer:
 class TorchP2P:
     """Batched isend/irecv over ``group`` (default: the world), every wait bounded by ``timeout`` s."""
 
-    def __init__(self, *, group=None, timeout: float = 60.0):
+    def __init__(self, *, group=None, timeout: float = 60.0, coalesce: Optional[bool] = None):
         self.group = group
         self.timeout = float(timeout)
+        self.coalesce = coalesce  # None: coalesce over gloo only (decided at the first start)
+        self.buffer_bytes = 0  # bytes of coalescing buffers held by the bucket in flight
 
     def start(self, sends: list[Transfer], recvs: list[Transfer]):
         import torch.distributed as dist
 
+        if self.coalesce is None:
+            self.coalesce = dist.get_backend(self.group) == "gloo"
+        unpack = []
+        if self.coalesce:
+            out = [_coalesce(items, fill=True) for items in _by_peer(sends)]
+            sends, packed = [t for t, _ in out], [u for _, u in out if u is not None]
+            out = [_coalesce(items, fill=False) for items in _by_peer(recvs)]
+            recvs, unpack = [t for t, _ in out], [u for _, u in out if u is not None]
+            self.buffer_bytes = sum(f.numel() * f.element_size() for f, _ in packed + unpack)
         ops, meta = [], []
         for kind, items in ((dist.isend, sends), (dist.irecv, recvs)):
             for t in items:
                 ops.append(dist.P2POp(kind, t.tensor, t.peer, group=self.group, tag=t.tag))
                 meta.append(("send to" if kind is dist.isend else "receive from", t))
         works = dist.batch_isend_irecv(ops) if ops else []
-        return list(zip(works, meta))
+        return list(zip(works, meta)), unpack
 
     def wait(self, handle) -> None:
+        handle, unpack = handle
+        self._wait(handle)
+        for flat, parts in unpack:  # scatter each coalesced message into its receive tensors
+            for t, off in parts:
+                t.tensor.view(-1).copy_(flat[off:off + t.tensor.numel()])
+
+    def _wait(self, handle) -> None:
         timeout = datetime.timedelta(seconds=self.timeout)
         for work, (verb, t) in handle:
             try:
@@ -56,3 +78,32 @@ class TorchP2P:
             if ok is False:
                 raise WeightSyncError(f"weight sync: {verb} peer rank {t.peer} timed out after {self.timeout:.0f}s "
                                       f"({t.what})")
+
+
+def _by_peer(items: list[Transfer]) -> list[list[Transfer]]:
+    """Transfers grouped by (peer, dtype), each group in its original (plan) order."""
+    groups: dict = {}
+    for t in items:
+        groups.setdefault((t.peer, t.tensor.dtype), []).append(t)
+    return list(groups.values())
+
+
+def _coalesce(items: list[Transfer], *, fill: bool):
+    """One flat Transfer for ``items`` (same peer and dtype) and ``(flat, [(transfer, offset)])``
+    (None when a single contiguous item is sent as is), which scatters a received message
+    back. ``fill`` copies the items in (sends)."""
+    import torch
+
+    if len(items) == 1 and items[0].tensor.is_contiguous():
+        return items[0], None
+    first = items[0].tensor
+    flat = torch.empty(sum(t.tensor.numel() for t in items), dtype=first.dtype, device=first.device)
+    parts, off = [], 0
+    for t in items:
+        n = t.tensor.numel()
+        if fill:
+            flat[off:off + n].view(t.tensor.shape).copy_(t.tensor)
+        parts.append((t, off))
+        off += n
+    names = ", ".join(t.what for t in items[:2]) + (f" and {len(items) - 2} more" if len(items) > 2 else "")
+    return Transfer(items[0].peer, flat, items[0].tag, names), (flat, parts)

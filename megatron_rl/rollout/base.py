@@ -102,8 +102,10 @@ class RolloutEngine(abc.ABC):
         """Start a sharded sync: :meth:`load_shards` may follow any number of times."""
 
     @abc.abstractmethod
-    def load_shards(self, shards: Iterable[tuple[str, torch.Tensor]]) -> int:
-        """This rank's shards, in the engine's own names and TP layout."""
+    def load_shards(self, shards: Iterable[tuple[str, torch.Tensor]], *, donate: bool = False) -> int:
+        """This rank's shards, in the engine's own names and TP layout. ``donate=True``: the
+        caller gives the tensors up (it never reads or writes them again), so the engine may
+        keep them instead of copying."""
 
     @abc.abstractmethod
     def end_weight_update(self) -> None:

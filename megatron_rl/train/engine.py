@@ -57,18 +57,7 @@ class TrainEngine:
     # -- running micro-batches --------------------------------------------------------------------
 
     def _run(self, batches: list, *, forward_fn: Optional[ForwardFn], forward_only: bool) -> list:
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-
-        fn = forward_fn or self.forward_fn
-        tokens = batches[0]["tokens"]  # (B, S): full sequences; forward_fn splits for CP
-
-        def step_fn(data_iterator, model):
-            return fn(model, next(data_iterator))
-
-        return get_forward_backward_func()(
-            forward_step_func=step_fn, data_iterator=iter(batches), model=self.model,
-            num_microbatches=len(batches), seq_length=tokens.size(1), micro_batch_size=tokens.size(0),
-            forward_only=forward_only)
+        return run_schedule(self.model, batches, forward_fn=forward_fn or self.forward_fn, forward_only=forward_only)
 
     def step(self, batches: list, *, forward_fn: Optional[ForwardFn] = None) -> dict:
         """One optimizer step over this DP rank's micro-batches. Same result on every rank.
@@ -92,6 +81,22 @@ class TrainEngine:
         for m in self.model:
             m.eval()
         return self._run(batches, forward_fn=forward_fn, forward_only=True)
+
+
+def run_schedule(chunks: list, batches: list, *, forward_fn: ForwardFn, forward_only: bool) -> list:
+    """Megatron's pipeline schedule over ``batches`` with ``forward_fn``; returns the last stage's
+    per-micro-batch metrics. Shared by the engine and the frozen reference model."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    tokens = batches[0]["tokens"]  # (B, S): full sequences; forward_fn splits for CP
+
+    def step_fn(data_iterator, model):
+        return forward_fn(model, next(data_iterator))
+
+    return get_forward_backward_func()(
+        forward_step_func=step_fn, data_iterator=iter(batches), model=chunks,
+        num_microbatches=len(batches), seq_length=tokens.size(1), micro_batch_size=tokens.size(0),
+        forward_only=forward_only)
 
 
 def reduce_loss(outputs: list) -> tuple[float, int]:

@@ -4,6 +4,8 @@ For each family, HF -> Megatron at every (TP, PP) (DP fills the rest of the worl
 fresh model loads the converted checkpoint and its logits are compared with HF transformers'
 on the same tokens. Then HF -> M(2,2) -> HF and M(2,2) -> M(1,1) -> HF, compared bitwise,
 and a load of the (2,2) checkpoint at another layout (megatron-core reshards on load).
+Last, the RL-checkpoint round trip of the distributed optimizer on llama
+(tests/workers/rlckpt_distopt.py), which needs the same world of 4 and no vLLM.
 Args: OUT_DIR from the env; argv: model paths as family=path.
 """
 import json
@@ -15,7 +17,9 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _launch import write_result  # noqa: E402
+from rlckpt_distopt import round_trip  # noqa: E402
 from megatron_rl.checkpoint import spmd  # noqa: E402
 from megatron_rl.checkpoint.hf import open_hf  # noqa: E402
 from megatron_rl.config import ParallelConfig  # noqa: E402
@@ -120,6 +124,8 @@ def main():
             meta = json.load(open(os.path.join(work, f"{fam}-tp1pp1-from22", "megatron_rl.json")))
             res[f"{fam} m11 meta"] = {k: meta[k] for k in ("tp", "pp", "padded_vocab", "param_dtype", "hf_dtype")}
             res[f"{fam} leftovers"] = sorted(f for f in os.listdir(work) if f.startswith("."))
+    destroy_distributed(keep_process_group=True)
+    res["distopt"] = round_trip(paths["llama"], os.path.join(os.environ["OUT_DIR"], "rlckpt-distopt"))
     write_result(res)
     dist.destroy_process_group()
 

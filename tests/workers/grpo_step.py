@@ -1,15 +1,20 @@
-"""Worker: the trainer's GRPO step (``megatron_rl.trainer.train_step``: GRPOLoss on shared-prefix
-packed groups through megatron-core) at several layouts in one launch.
+"""Worker: the trainer's GRPO step (``megatron_rl.trainer.train_step``: GRPOLoss on packed groups
+through megatron-core) at several layouts in one launch.
 
-For each layout ``tp,pp,mini_batches`` the rank builds the engine from the same tiny HF
+For each layout ``tp,pp,mini_batches[,variant]`` the rank builds the engine from the same tiny HF
 model, takes the trainer's own log-probs of a fixed batch as the "rollout" log-probs (so the
-mismatch must be 0), and runs two GRPO steps. Rank 0 writes every step's metrics per layout;
-the test compares layouts that must agree (same mini_batches, different TP/PP/DP).
+mismatch must be 0), and runs two GRPO steps. Variants: ``naive`` trains with
+``train.shared_prefix=false`` (every response its own ``[P, R_i]`` sequence); ``kl`` adds the KL
+to the frozen reference model (``algorithm.kl_coef=KL_COEF``) and also reports, per rank, the
+reference's log-probs against the policy's at step 0, the reference's parameter bytes, RSS
+around an offload and an onload, and whether log-probs after offload + onload are bitwise the
+same. Rank 0 writes every step's metrics per layout; the test compares layouts that must agree.
 
-    torchrun --nproc-per-node 4 tests/workers/grpo_step.py MODEL_PATH 2,2,1 1,1,1 2,1,2 1,2,2
+    torchrun --nproc-per-node 4 tests/workers/grpo_step.py MODEL_PATH 2,2,1 1,1,1 2,1,2 1,2,2 2,2,1,kl
 """
 import os
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -23,6 +28,7 @@ from megatron_rl.algorithms.grpo import RolloutBatch, make_groups  # noqa: E402
 from megatron_rl.config import load_config  # noqa: E402
 
 N, G = 4, 4  # prompts per step (divisible by dp x mini_batches for every layout below), samples each
+KL_COEF = 0.1
 
 
 def fixed_batch() -> tuple:
@@ -38,14 +44,15 @@ def fixed_batch() -> tuple:
         rewards, group_size=G)
 
 
-def own_logprobs(eng, batch, adv) -> list:
-    """The trainer's log-probs of every response, as N x G lists, on every rank."""
+def own_logprobs(model, batch, adv) -> list:
+    """``model``'s log-probs of every response (the engine, or the reference: anything with
+    ``forward(batches, forward_fn=...)``), as N x G lists, on every rank."""
     from megatron.core import parallel_state as ps
 
     from megatron_rl.attention import collect_logprobs, make_batches, make_forward_fn, pg_loss
 
-    metrics = eng.forward(make_batches(make_groups(batch, adv, indices=range(N)), max_tokens=4096),
-                          forward_fn=make_forward_fn(pg_loss))
+    metrics = model.forward(make_batches(make_groups(batch, adv, indices=range(N)), max_tokens=4096),
+                            forward_fn=make_forward_fn(pg_loss))
     mine = collect_logprobs(metrics) if ps.is_pipeline_last_stage() else None
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
@@ -53,25 +60,63 @@ def own_logprobs(eng, batch, adv) -> list:
     return [[table[(gi, i)].tolist() for i in range(G)] for gi in range(N)]
 
 
-def run_layout(path: str, hf, tp: int, pp: int, mini: int) -> list:
+def _max_diff(a: list, b: list) -> float:
+    return max(float((torch.tensor(x) - torch.tensor(y)).abs().max()) for ga, gb in zip(a, b) for x, y in zip(ga, gb)
+               if len(x))
+
+
+def reference_checks(ref, policy_logp: list, batch, adv) -> dict:
+    """The reference equals the initial policy, and its offload frees its bytes (this rank's RSS)."""
+    from megatron_rl.rollout.cpu_memory import rss_bytes
+
+    with ref.onloaded():
+        first = own_logprobs(ref, batch, adv)
+        rss_on = rss_bytes()
+    rss_off = rss_bytes()
+    ref.onload()
+    rss_back = rss_bytes()
+    again = own_logprobs(ref, batch, adv)
+    ref.offload()
+    return {"ref_vs_policy_max_abs": _max_diff(first, policy_logp), "ref_bitwise_after_reload": first == again,
+            "param_bytes": ref.param_bytes, "rss_drop": rss_on - rss_off, "rss_rise": rss_back - rss_off}
+
+
+def run_layout(path: str, hf, spec: str) -> dict:
     from megatron_rl import trainer
     from megatron_rl.attention import SharedPrefixCoreAttention, enable_shared_prefix
     from megatron_rl.parallel import destroy_distributed, init_distributed
     from megatron_rl.train.engine import TrainEngine
 
+    start = time.perf_counter()
+    tp, pp, mini, *variant = spec.split(",")
+    extra = {"naive": ["train.shared_prefix=false"], "kl": [f"algorithm.kl_coef={KL_COEF}"]}.get(
+        variant[0] if variant else "", [])
     cfg = load_config(overrides=[f"parallel.tp={tp}", f"parallel.pp={pp}", "parallel.backend=gloo",
                                  f"model.hf_path={path}", f"algorithm.group_size={G}", f"data.prompts_per_step={N}",
-                                 f"algorithm.mini_batches={mini}", "train.micro_batch_groups=1", "train.lr=1e-3"])
+                                 f"algorithm.mini_batches={mini}", "train.micro_batch_groups=1", "train.lr=1e-3",
+                                 f"logging.run_dir={os.path.join(os.environ['OUT_DIR'], 'run')}", *extra])
     cfg.validate(world_size=dist.get_world_size(), hf_config=hf)
+    trainer.check_supported(cfg)
     init_distributed(cfg.parallel)
     eng = TrainEngine(hf, parallel=cfg.parallel, train=cfg.train, hf_path=path,
                       core_attention=SharedPrefixCoreAttention)
     enable_shared_prefix(eng.model)
+    ref = trainer.make_reference(cfg, hf_config=hf)
     batch, adv = fixed_batch()
     batch.logprobs = own_logprobs(eng, batch, adv)
-    out = [trainer.train_step(eng, cfg, batch, adv, lr=1e-3) for _ in range(2)]
+    checks = reference_checks(ref, batch.logprobs, batch, adv) if ref is not None else None
+    phases = []
+    steps = [trainer.train_step(eng, cfg, batch, adv, lr=1e-3, ref=ref, phase=lambda name: _record(phases, name))
+             for _ in range(2)]
     destroy_distributed(keep_process_group=True)
-    return out
+    return {"steps": steps, "checks": checks, "phases": phases, "seconds": time.perf_counter() - start}
+
+
+def _record(log: list, name: str):
+    import contextlib
+
+    log.append(name)
+    return contextlib.nullcontext()
 
 
 def main():
@@ -82,8 +127,7 @@ def main():
     dist.init_process_group("gloo")
     results = {}
     for spec in layouts:
-        tp, pp, mini = map(int, spec.split(","))
-        results[spec] = run_layout(path, hf, tp, pp, mini)
+        results[spec] = run_layout(path, hf, spec)
     write_result(results)
     dist.destroy_process_group()
 

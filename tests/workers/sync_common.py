@@ -75,6 +75,18 @@ def make_engine(path: str, *, tp: int, dummy: bool, run_dir: str):
     return VllmEngine(path, cfg=cfg, run_dir=run_dir, timeout_s=120)
 
 
+def unlink_job_shm() -> list:
+    """Remove this job's vLLM CPU shared-memory segments (named after MASTER_PORT and the torchrun
+    agent's pid by megatron_rl.rollout.vllm_engine); for workers that end with ``os._exit``, which
+    skips the clean-exit removal. Mappings stay valid until the processes exit."""
+    import glob
+
+    names = glob.glob(f"/dev/shm/*mrl{os.environ.get('MASTER_PORT', '0')}p{os.getppid()}*cpushm*")
+    for name in names:
+        os.unlink(name)
+    return names
+
+
 def greedy(llm) -> list:
     """Greedy tokens of every prompt on this rank's replica."""
     from vllm import SamplingParams
@@ -102,10 +114,10 @@ class Receiver:
     def begin_weight_update(self):
         self.engine.begin_weight_update()
 
-    def load_shards(self, shards):
+    def load_shards(self, shards, *, donate=False):
         for name, t in shards:
             self.received[name] = self.received.get(name, 0) + 1
-            self.engine.load_shards([(name, t)])
+            self.engine.load_shards([(name, t)], donate=donate)
 
     def end_weight_update(self):
         self.engine.end_weight_update()

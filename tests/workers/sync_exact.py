@@ -4,9 +4,13 @@ One production rollout engine (VllmEngine: TP = --tv, replicas fill the world) p
 Megatron layouts are rebuilt per case. The reference is what vLLM itself holds after loading
 the HF checkpoint: read back (bitwise, kernel format) right after start-up, or, with --dummy,
 after vLLM's own checkpoint-format reload following the first sync. Before every case the engine's weights
-are overwritten with noise, so a sync that skips anything fails.
+are overwritten with noise, so a sync that skips anything fails. With --sweep-cases the same launch
+then runs sync_fault.py's sweep into a recording receiver (no vLLM involved) and, with --victim,
+its dead-rank fault last (it ends the processes).
 
     torchrun --nproc-per-node 4 tests/workers/sync_exact.py --model q2 --tv 2 --cases 1x1,2x2 [--dummy]
+    torchrun --nproc-per-node 4 tests/workers/sync_exact.py --model q3 --tv 2 --cases 1x1 \
+        --sweep-cases 2x2,4x1 --sweep-tvs 1,2,4 --victim 3 --timeout 4 --stall 12
 """
 import argparse
 import os
@@ -54,6 +58,11 @@ def main():
     ap.add_argument("--cases", required=True)
     ap.add_argument("--dummy", action="store_true")
     ap.add_argument("--bucket", type=int, default=64 << 10)
+    ap.add_argument("--sweep-cases", default="", help="then sync_fault.sweep over these t_m x p_m ...")
+    ap.add_argument("--sweep-tvs", default="1,2,4", help="... into these t_v")
+    ap.add_argument("--victim", type=int, default=-1, help="then sync_fault.fault: this rank dies mid-sync")
+    ap.add_argument("--timeout", type=float, default=5.0)
+    ap.add_argument("--stall", type=float, default=0.0)
     args = ap.parse_args()
     t_start = time.perf_counter()
     from transformers import AutoConfig
@@ -88,8 +97,23 @@ def main():
     # The noise really changes the output (so equal generations above are evidence).
     recv.scramble(99)
     out["noise_gen_differs"] = C.greedy(llm) != ref_gen
+    if args.sweep_cases:
+        sweep_then_fault(args, path, hf_config, hf, out)
     write_result(out)
     dist.barrier()
+
+
+def sweep_then_fault(args, path, hf_config, hf, out: dict) -> None:
+    """After the vLLM cases: sync_fault's sweep (no vLLM), then its fault, which ends the process."""
+    import sync_fault
+
+    out["sweep"], (chunks, grid) = sync_fault.sweep(path, hf_config, hf, cases=args.sweep_cases.split(","),
+                                                    tvs=[int(x) for x in args.sweep_tvs.split(",")])
+    if args.victim >= 0:
+        dist.barrier()  # vLLM is done on every rank: its shared memory can go before the hard exit
+        if dist.get_rank() == 0:
+            out["shm_unlinked"] = len(C.unlink_job_shm())
+        sync_fault.fault(chunks, grid, hf_config, out, victim=args.victim, timeout=args.timeout, stall=args.stall)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,13 @@
 """Weight sync without vLLM: a wide exactness sweep into a recording receiver, then a rank dies.
 
-Part 1: for each Megatron (t_m, p_m) in --cases and each t_v in --tvs, sync into a receiver
-that keeps the shards, and compare them bitwise with our vLLM layout assembled from the HF
-tensors (the layout itself is checked against vLLM's loaders in sync_exact.py).
-Part 2: rank --victim exits in the middle of a sync (after its second delivered shard), at
-once or after stalling --stall seconds; the other ranks must raise WeightSyncError naming
-a peer within the timeout, never hang.
+Part 1 (:func:`sweep`): for each Megatron (t_m, p_m) in --cases and each t_v in --tvs, sync
+into a receiver that keeps the shards, and compare them bitwise with our vLLM layout assembled
+from the HF tensors (the layout itself is checked against vLLM's loaders in sync_exact.py).
+Part 2 (:func:`fault`): rank --victim exits in the middle of a sync (after its second
+delivered shard), at once or after stalling --stall seconds; the other ranks must raise
+WeightSyncError naming a peer within the timeout, never hang. The fault ends the process.
+
+tests/workers/sync_exact.py runs both after its vLLM cases (one launch); standalone::
 
     torchrun --nproc-per-node 4 tests/workers/sync_fault.py --cases 2x2,4x1 --tvs 1,2,4 --victim 3
 """
@@ -40,7 +42,7 @@ class Recorder:
     def begin_weight_update(self):
         self.calls.append("begin")
 
-    def load_shards(self, shards):
+    def load_shards(self, shards, *, donate=False):
         for name, t in shards:
             self.got[name] = t.clone()
             if self.die_after is not None and len(self.got) >= self.die_after:
@@ -50,6 +52,52 @@ class Recorder:
 
     def end_weight_update(self):
         self.calls.append("end")
+
+
+def sweep(path, hf_config, hf, *, cases, tvs) -> tuple:
+    """Part 1; returns (per-sync records, the last case's (chunks, grid)) on this rank."""
+    shape = ModelShape.from_hf_config(hf_config)
+    records, built = [], None
+    for case in cases:
+        tm, pm = (int(x) for x in case.split("x"))
+        built = chunks, grid = C.build_megatron(path, tp=tm, pp=pm, hf_config=hf_config)
+        world, rank = dist.get_world_size(), dist.get_rank()
+        for tv in tvs:
+            dst = vllm_layout(shape, tp=tv, world_size=world)
+            want = {n: assemble(lt, lambda c, d, s, k: hf[c].narrow(d, s, k), dtype=torch.float32)
+                    for n, lt in dst.ranks[rank].items()}
+            rec = Recorder({n: lt.shape for n, lt in dst.ranks[rank].items()})
+            ws = WeightSync(chunks, rec, src_layout=megatron_layout(shape, grid), dst_layout=dst, bucket_bytes=16 << 10,
+                            verify=True)
+            st = ws.sync()
+            records.append(dict(case=case, tv=tv, mismatched=C.diff_shards(rec.got, want), sent=st.bytes_sent,
+                                bytes_moved=ws.plan.bytes_moved, lower_bound=ws.plan.lower_bound,
+                                calls=rec.calls, peak_extra=st.peak_extra_bytes, buckets=len(ws.plan.buckets)))
+    return records, built
+
+
+def fault(chunks, grid, hf_config, out: dict, *, victim: int, timeout: float, stall: float) -> None:
+    """Part 2: sync into t_v=4 while ``victim`` dies; write this rank's result and exit the process."""
+    shape = ModelShape.from_hf_config(hf_config)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    dst = vllm_layout(shape, tp=4, world_size=world)
+    shapes = {n: lt.shape for n, lt in dst.ranks[rank].items()}
+
+    def on_die():
+        write_result(dict(out, victim=True))
+
+    rec = Recorder(shapes, die_after=2 if rank == victim else None, on_die=on_die, stall=stall)
+    ws = WeightSync(chunks, rec, src_layout=megatron_layout(shape, grid), dst_layout=dst, bucket_bytes=4 << 10,
+                    timeout=timeout)
+    dist.barrier()
+    t0 = time.perf_counter()
+    try:
+        ws.sync()
+        out["fault"] = dict(error=None, seconds=time.perf_counter() - t0)
+    except WeightSyncError as e:
+        out["fault"] = dict(error=str(e), seconds=time.perf_counter() - t0)
+    write_result(out)
+    os._exit(0)  # a peer is dead: skip process-group teardown
 
 
 def main():
@@ -65,43 +113,11 @@ def main():
 
     path = C.sync_model(args.model, os.environ["MODEL_ROOT"])
     hf_config = AutoConfig.from_pretrained(path)
-    shape = ModelShape.from_hf_config(hf_config)
-    hf = C.hf_tensors(path)
-    out = dict(sweep=[])
-    for case in args.cases.split(","):
-        tm, pm = (int(x) for x in case.split("x"))
-        chunks, grid = C.build_megatron(path, tp=tm, pp=pm, hf_config=hf_config)
-        world, rank = dist.get_world_size(), dist.get_rank()
-        for tv in (int(x) for x in args.tvs.split(",")):
-            dst = vllm_layout(shape, tp=tv, world_size=world)
-            want = {n: assemble(lt, lambda c, d, s, k: hf[c].narrow(d, s, k), dtype=torch.float32)
-                    for n, lt in dst.ranks[rank].items()}
-            rec = Recorder({n: lt.shape for n, lt in dst.ranks[rank].items()})
-            ws = WeightSync(chunks, rec, src_layout=megatron_layout(shape, grid), dst_layout=dst, bucket_bytes=16 << 10,
-                            verify=True)
-            st = ws.sync()
-            out["sweep"].append(dict(case=case, tv=tv, mismatched=C.diff_shards(rec.got, want), sent=st.bytes_sent,
-                                     bytes_moved=ws.plan.bytes_moved, lower_bound=ws.plan.lower_bound,
-                                     calls=rec.calls, peak_extra=st.peak_extra_bytes, buckets=len(ws.plan.buckets)))
+    records, (chunks, grid) = sweep(path, hf_config, C.hf_tensors(path), cases=args.cases.split(","),
+                                    tvs=[int(x) for x in args.tvs.split(",")])
+    out = dict(sweep=records)
     if args.victim >= 0:
-        dst = vllm_layout(shape, tp=4, world_size=world)
-        shapes = {n: lt.shape for n, lt in dst.ranks[rank].items()}
-
-        def on_die():
-            write_result(dict(out, victim=True))
-
-        rec = Recorder(shapes, die_after=2 if rank == args.victim else None, on_die=on_die, stall=args.stall)
-        ws = WeightSync(chunks, rec, src_layout=megatron_layout(shape, grid), dst_layout=dst, bucket_bytes=4 << 10,
-                        timeout=args.timeout)
-        dist.barrier()
-        t0 = time.perf_counter()
-        try:
-            ws.sync()
-            out["fault"] = dict(error=None, seconds=time.perf_counter() - t0)
-        except WeightSyncError as e:
-            out["fault"] = dict(error=str(e), seconds=time.perf_counter() - t0)
-        write_result(out)
-        os._exit(0)  # a peer is dead: skip process-group teardown
+        fault(chunks, grid, hf_config, out, victim=args.victim, timeout=args.timeout, stall=args.stall)
     write_result(out)
     dist.barrier()
 
