@@ -65,10 +65,12 @@ def quiet_other_ranks(rank: int) -> None:
 
 
 def memory_mib(device: Optional[torch.device] = None) -> dict[str, float]:
-    """Memory now, in MiB: ``rss`` (the process, on CPU) or ``allocated``/``reserved`` (GPU)."""
+    """Memory now, in MiB: ``rss`` (the process, on CPU) or, on GPU, torch's ``allocated``/``reserved``
+    and the driver's ``device_used`` (total - free: sees vLLM's sleep, which torch's counters miss)."""
     if device is not None and device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
         return {"allocated": torch.cuda.memory_allocated(device) / _MIB,
-                "reserved": torch.cuda.memory_reserved(device) / _MIB}
+                "reserved": torch.cuda.memory_reserved(device) / _MIB, "device_used": (total - free) / _MIB}
     import psutil
 
     return {"rss": psutil.Process().memory_info().rss / _MIB}
@@ -119,13 +121,14 @@ class PhaseTimer:
 
     def step_metrics(self) -> dict[str, float]:
         """``time/<phase>_s``, ``time/step_s``, ``mem/<phase>_mib`` (RSS or allocated) and, on GPU,
-        ``mem/<phase>_reserved_mib``; then reset for the next step."""
+        ``mem/<phase>_reserved_mib`` and ``mem/<phase>_device_used_mib``; then reset for the next step."""
         out = {f"time/{name}_s": s for name, s in self._seconds.items()}
         out["time/step_s"] = time.perf_counter() - self._step_start
         for name, mem in self._memory.items():
             out[f"mem/{name}_mib"] = mem.get("rss", mem.get("allocated", 0.0))
             if "reserved" in mem:
                 out[f"mem/{name}_reserved_mib"] = mem["reserved"]
+                out[f"mem/{name}_device_used_mib"] = mem["device_used"]
         self._seconds, self._memory = {}, {}
         self._step_start = time.perf_counter()
         return out

@@ -36,8 +36,10 @@ import torch
 from megatron_rl.algorithms import group_advantages, lr_at
 from megatron_rl.algorithms.grpo import GRPOLoss, RolloutBatch, dp_shards, make_groups, stats_from_sums
 from megatron_rl.config import Config, ConfigError, load_config
+from megatron_rl.parallel import collectives as coll
 from megatron_rl.metrics import (MetricsLogger, PhaseTimer, ascii_curve, length_stats, phase_table,
                                  quiet_other_ranks, reward_gain, reward_stats)
+from megatron_rl.resharding.layout import uses_te_names
 from megatron_rl.rewards import compute_rewards, get_reward
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -51,7 +53,7 @@ def start_rollout(cfg: Config, *, world_size: int, rank: int):
     """The vLLM engine of this rank (created after the process groups, as vLLM requires)."""
     from megatron_rl.rollout.vllm_engine import VllmEngine
 
-    return VllmEngine(cfg.model.hf_path, cfg=cfg.rollout, run_dir=cfg.logging.run_dir, dtype=cfg.model.dtype,
+    return VllmEngine(cfg.model.hf_path, cfg=cfg.rollout, run_dir=cfg.logging.run_dir, dtype=cfg.rollout_dtype,
                       timeout_s=cfg.parallel.timeout_s)
 
 
@@ -81,14 +83,12 @@ def generate(engine, cfg: Config, *, prompt_ids: list, step: int) -> RolloutBatc
 def _global_sums(loss: GRPOLoss) -> tuple[torch.Tensor, float]:
     """Statistic sums over every rank. Only last-stage ranks hold non-zero sums, and the TP
     ranks of one stage hold identical copies, hence the division by TP."""
-    import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
     sums = loss.sums()
-    dist.all_reduce(sums)
-    mx = torch.tensor([loss.mismatch_max], dtype=torch.float64)
-    dist.all_reduce(mx, op=dist.ReduceOp.MAX)
-    return sums / ps.get_tensor_model_parallel_world_size(), float(mx.item())
+    total, mx = coll.sum_max(sums.tolist(), [loss.mismatch_max])
+    return (torch.tensor(total, dtype=sums.dtype).reshape(sums.shape) / ps.get_tensor_model_parallel_world_size(),
+            float(mx[0]))
 
 
 def train_step(eng, cfg: Config, batch: RolloutBatch, advantages: torch.Tensor, *, lr: float, ref=None,
@@ -223,6 +223,16 @@ class Job:
     ref: object = None  # the frozen KL reference (algorithm.kl_coef > 0)
 
 
+def sync_source_layout(chunks, shape, grid, vocab_divisible_by: int):
+    """Megatron's layout as the built model names it: under Transformer Engine the norms are
+    fused into the next linear and carry TE's names (the same spec runs on every rank)."""
+    from megatron_rl.resharding.layout import megatron_layout
+    from megatron_rl.resharding.sync import model_tensors
+
+    return megatron_layout(shape, grid, vocab_divisible_by=vocab_divisible_by,
+                           te_names=uses_te_names(model_tensors(chunks)))
+
+
 def setup(cfg: Config, *, hf_config) -> Job:
     """Process groups, then the trainer, then vLLM (it must find the world already set up)."""
     import torch.distributed as dist
@@ -231,7 +241,7 @@ def setup(cfg: Config, *, hf_config) -> Job:
     from megatron_rl.attention import SharedPrefixCoreAttention, enable_shared_prefix
     from megatron_rl.data import PromptDataset
     from megatron_rl.parallel import init_distributed
-    from megatron_rl.resharding.layout import ModelShape, megatron_layout
+    from megatron_rl.resharding.layout import ModelShape
     from megatron_rl.resharding.sync import WeightSync
     from megatron_rl.resharding.vllm_layout import vllm_layout
     from megatron_rl.train.engine import TrainEngine
@@ -247,8 +257,9 @@ def setup(cfg: Config, *, hf_config) -> Job:
     ref = make_reference(cfg, hf_config=hf_config)
     rollout = start_rollout(cfg, world_size=world, rank=rank)
     shape = ModelShape.from_hf_config(hf_config)
-    sync = WeightSync(eng.model, rollout, src_layout=megatron_layout(shape, grid, vocab_divisible_by=divisible),
-                      dst_layout=vllm_layout(shape, tp=cfg.rollout.tp, world_size=world), timeout=cfg.parallel.timeout_s)
+    sync = WeightSync(eng.model, rollout, src_layout=sync_source_layout(eng.model, shape, grid, divisible),
+                      dst_layout=vllm_layout(shape, tp=cfg.rollout.tp, world_size=world), timeout=cfg.parallel.timeout_s,
+                      dst_dtype=DTYPES[cfg.rollout_dtype])  # fp32 master weights can feed a bf16 rollout
     return Job(cfg=cfg, rank=rank, world=world, tokenizer=tok, data=data, reward_fn=get_reward(cfg.data.reward),
                eng=eng, rollout=rollout, sync=sync, ref=ref)
 
@@ -295,6 +306,7 @@ def train(cfg: Config, *, hf_config, rt=None) -> dict:
                        schedule=t.lr_schedule)
             out = train_step(eng, cfg, batch, adv, lr=lr, ref=job.ref, phase=timer.phase)
         with timer.phase("resume"):
+            return_cached_blocks()  # training's cached blocks go back before vLLM wakes
             rollout.resume(("weights",))
         with timer.phase("sync"):
             sync.sync()  # ends with the engine's end_weight_update(): repack, reset the prefix cache
@@ -320,6 +332,14 @@ def train(cfg: Config, *, hf_config, rt=None) -> dict:
     # Megatron's state only: vLLM's shutdown at exit destroys its groups and the default one.
     destroy_distributed(keep_process_group=True)
     return {"reward_first": first, "reward_last": last, "reward_gain": gain, "rewards": history}
+
+
+def return_cached_blocks() -> None:
+    """Hand the blocks torch's caching allocator keeps for training back to the driver, so that
+    vLLM's wake_up (which allocates outside that cache) finds them free. A no-op without CUDA."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
 
 
 class _Phases:

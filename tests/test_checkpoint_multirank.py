@@ -94,3 +94,13 @@ def test_distributed_optimizer_rl_checkpoint_round_trip(matrix):
         assert r["step"] == 1 and r["extra"] == {"x": 7}
         assert r["got"] == r["ref"], r  # exact: loss and grad norm of the 2 steps after the resume
         assert r["ref"][0] != r["first"][0]
+
+
+def test_destroyed_layouts_free_their_threads(matrix):
+    """Each layout's init builds ~50 gloo groups; destroy_distributed must free them, so the thread
+    count after the last of the 14 layouts is that after the first (it grew by ~1,000 when leaked)."""
+    _, _, results = matrix
+    for r, res in enumerate(results):
+        threads = res["threads"]
+        assert len(threads) >= 10, threads
+        assert threads[-1] <= threads[0] + 8, f"rank {r}: threads after each layout {threads}"

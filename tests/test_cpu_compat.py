@@ -207,3 +207,17 @@ def test_patch9_distributed_optimizer_torch_adam_state():
     cpu_compat._unshare_steps(adam)
     assert adam.state[w[0]]["step"] is not adam.state[w[1]]["step"]
     assert adam.state[w[0]]["step"].item() == 5.0
+
+
+def test_patch7_is_applied_on_gpu_too(monkeypatch):
+    """GPU runs without Transformer Engine use megatron's local spec, whose norm refuses sequence
+    parallel: init_distributed applies patch 7 on every device, the CPU patches only without CUDA."""
+    calls = []
+    monkeypatch.setattr(cpu_compat, "apply_sequence_parallel_norm", lambda: calls.append("norm") or True)
+    monkeypatch.setattr(cpu_compat, "apply", lambda **k: calls.append("cpu") or True)
+    assert cpu_compat.apply_for(cuda=True) == ["sequence_parallel_norm"] and calls == ["norm"]
+    calls.clear()
+    assert cpu_compat.apply_for(cuda=False) == ["sequence_parallel_norm", "cpu"] and calls == ["norm", "cpu"]
+    from megatron_rl import parallel
+
+    assert "cpu_compat.apply_for(cuda=torch.cuda.is_available())" in inspect.getsource(parallel.init_distributed)

@@ -119,4 +119,7 @@ def test_cuda_sleep_wake_tags():
     _, res = torchrun(os.path.join(WORKERS, "rollout_memory.py"), nproc=2, out_dir=os.path.join(OUT, "test-gpu"),
                       timeout=900, env={"KV_BYTES": str(1 << 30)})
     for r in res:
-        assert r["offload"]["same"] and r["discard"]["same"]
+        for mode in ("offload", "discard"):
+            c = r["cuda"][mode]
+            assert c["same"] and c["lp_diff"] == 0.0, (mode, c)
+            assert c["freed"] >= 0.9 * c["held"], (mode, c)  # the driver's free memory, not torch's counters

@@ -147,3 +147,26 @@ def test_gloo_coalescing_round_trips_every_slice_in_plan_order():
             t.tensor.view(-1).copy_(flat[off:off + t.tensor.numel()])
     for t, r in zip(src, recvs):
         assert torch.equal(t, r.tensor)
+
+
+def test_te_named_model_syncs_bitwise():
+    """Under Transformer Engine the norms sit in the next linear (``linear_qkv.layer_norm_weight``);
+    the trainer's source layout must follow the built model's names, and the sync stays exact."""
+    from megatron_rl import trainer
+    from megatron_rl.resharding.layout import megatron_rank_tensors
+
+    shape, canon, _, dst, _ = _setup("qwen3")
+    grid = RankGrid(world_size=1)
+    te = megatron_rank_tensors(shape, tp=1, pp=1, tp_rank=0, pp_rank=0, te_names=True)
+    assert any(n.endswith("linear_qkv.layer_norm_weight") for n in te)  # the stand-in carries TE's names
+    model = FakeModel({"module." + n: assemble(lt, lambda c, d, s, k: canon[c].narrow(d, s, k)) for n, lt in te.items()})
+    with pytest.raises(WeightSyncError, match="in the layout but not in the model"):  # the name-blind layout
+        WeightSync([model], Engine(), src_layout=megatron_layout(shape, grid), dst_layout=dst, rank=0,
+                   transport=NoTransport())
+    eng = Engine({n: lt.shape for n, lt in dst.ranks[0].items()})
+    ws = WeightSync([model], eng, src_layout=trainer.sync_source_layout([model], shape, grid, 128), dst_layout=dst,
+                    bucket_bytes=8192, rank=0, transport=NoTransport(), verify=True)
+    ws.sync()
+    for n, lt in dst.ranks[0].items():
+        assert torch.equal(eng.got[n], assemble(lt, lambda c, d, s, k: canon[c].narrow(d, s, k))), n
+    assert ws.verify() == ws.plan.num_ops

@@ -24,6 +24,7 @@ import torch
 from megatron_rl.attention.core import SharedPrefixParams, unwrap
 from megatron_rl.attention.packing import Group, pack_groups
 from megatron_rl.attention.plan import LocalBatch, build_local, local_length
+from megatron_rl.parallel import collectives as coll
 
 
 def split_responses(groups: Sequence[Group]) -> tuple[list, list]:
@@ -142,8 +143,7 @@ def collect_logprobs(metrics: list, *, cp_group=None) -> dict:
             mine[tuple(key)] = part
     if cp_group is None or torch.distributed.get_world_size(cp_group) == 1:
         return mine
-    gathered = [None] * torch.distributed.get_world_size(cp_group)
-    torch.distributed.all_gather_object(gathered, mine, group=cp_group)
+    gathered = coll.all_gather_object(mine, group=cp_group)
     out = {}
     for part in gathered:
         out.update(part)

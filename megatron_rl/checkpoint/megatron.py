@@ -31,6 +31,7 @@ from typing import Iterator, Optional
 import torch
 
 from megatron_rl.checkpoint import CheckpointError
+from megatron_rl.parallel import collectives as coll
 from megatron_rl.resharding.layout import Block, Layout, ModelShape
 
 META = "megatron_rl.json"
@@ -222,32 +223,31 @@ def stream_canonical(layout: Layout, params: dict[str, torch.Tensor], *, rank: i
 
     Collective over the world: every rank must iterate it to the end, in the same order.
     """
-    import torch.distributed as dist
-
     pieces = canonical_pieces(layout)
     shapes = layout.canon_shapes
     for name in names or list(shapes):
         mine = [p for p in pieces[name] if p.rank == rank]
         if rank != dst:
-            reqs = [dist.isend(params[p.local].detach().narrow(p.dim, p.block.local_start, p.block.length).contiguous(),
-                               dst, group=group) for p in mine]
+            reqs = [coll.isend(params[p.local].detach().narrow(p.dim, p.block.local_start, p.block.length).contiguous(),
+                               dst=dst, group=group) for p in mine]
             for r in reqs:
                 r.wait()
             yield name, None
             continue
         dtype = next(iter(params.values())).dtype if params else torch.float32
-        full = torch.empty(shapes[name], dtype=dtype)
+        device = coll.backend_device(group)  # NCCL: receive on the GPU like the senders
+        full = torch.empty(shapes[name], dtype=dtype, device=device)
         reqs, bufs = [], []
         for p in pieces[name]:
             region = full.narrow(p.dim, p.block.canon_start, p.block.length)
             if p.rank == rank:
                 region.copy_(params[p.local].detach().narrow(p.dim, p.block.local_start, p.block.length))
             else:
-                buf = torch.empty(region.shape, dtype=dtype)
-                reqs.append(dist.irecv(buf, p.rank, group=group))
+                buf = torch.empty(region.shape, dtype=dtype, device=device)
+                reqs.append(coll.irecv(buf, src=p.rank, group=group))
                 bufs.append((region, buf))
         for r in reqs:
             r.wait()
         for region, buf in bufs:
             region.copy_(buf)
-        yield name, full
+        yield name, full.cpu()  # the writer takes host tensors (a no-op on CPU)

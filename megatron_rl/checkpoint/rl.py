@@ -47,6 +47,7 @@ import torch.distributed as dist
 from megatron_rl.checkpoint import CheckpointError
 from megatron_rl.checkpoint import megatron as mio
 from megatron_rl.checkpoint.hf import publish_dir
+from megatron_rl.parallel import collectives as coll
 
 COMPLETE = "COMPLETE"
 FAULT_ENV = "MEGATRON_RL_CKPT_FAULT"
@@ -150,8 +151,8 @@ def _config_dict(config) -> Optional[dict]:
 
 def _all_ok(ok: bool, *, what: str) -> None:
     """Barrier that also agrees on success (every rank raises if any rank failed)."""
-    flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)  # bounded by the process group's timeout
+    flag = coll.tensor([1 if ok else 0], dtype=torch.int32)  # on the default group's device
+    coll.all_reduce(flag, op="min")  # bounded by the process group's timeout
     if int(flag.item()) != 1:
         raise CheckpointError(f"{what}: a rank failed while writing the checkpoint (see that rank's error); "
                               "fix: check free disk space and permissions of checkpoint.dir")
@@ -209,7 +210,7 @@ def save_rl_checkpoint(root: str, *, step: int, model, optimizer, extra: Optiona
         box[0] = os.path.join(root, f"step_{step}.tmp-{uuid.uuid4().hex[:12]}")
         os.makedirs(os.path.join(box[0], "dist"))
         os.makedirs(os.path.join(box[0], "rng"))
-    dist.broadcast_object_list(box, src=0)
+    box[0] = coll.broadcast_object(box[0], src=0)
     tmp = box[0]
     from megatron.core import dist_checkpointing
 
@@ -231,7 +232,7 @@ def save_rl_checkpoint(root: str, *, step: int, model, optimizer, extra: Optiona
         _publish(tmp, final, meta={"step": step, "world_size": world, "time": time.time(),
                                    "format_version": FORMAT_VERSION, "versions": mio.versions()})
         _prune(root, keep=keep, current=final)
-    dist.barrier()
+    coll.barrier()
     return final
 
 
@@ -286,7 +287,7 @@ def load_rl_checkpoint(root: str, *, model, optimizer, path: Optional[str] = Non
     and this rank's RNG states (collective). Returns ``(step, extra)``, or None if there is none."""
     rank, world = dist.get_rank(), dist.get_world_size()
     box = [path if path is not None else (latest_checkpoint(root) if rank == 0 else None)]
-    dist.broadcast_object_list(box, src=0)  # every rank resumes the same checkpoint
+    box[0] = coll.broadcast_object(box[0], src=0)  # every rank resumes the same checkpoint
     path = box[0]
     if path is None:
         return None
@@ -303,5 +304,5 @@ def load_rl_checkpoint(root: str, *, model, optimizer, path: Optional[str] = Non
             print(f"{path}: saved at world size {meta.get('world_size')}, resumed at {world}: "
                   "RNG states not restored (the run continues, but not bitwise)", flush=True)
     state = torch.load(os.path.join(path, "state.pt"), weights_only=False)
-    dist.barrier()
+    coll.barrier()
     return int(state["step"]), state["extra"]

@@ -29,7 +29,8 @@ import torch.distributed as dist
 
 from megatron_rl.checkpoint import hf as hfio
 from megatron_rl.checkpoint import megatron as mio
-from megatron_rl.resharding.layout import ModelShape, assemble, megatron_layout, padded_vocab
+from megatron_rl.parallel import collectives as coll
+from megatron_rl.resharding.layout import ModelShape, assemble, megatron_layout, padded_vocab, uses_te_names
 
 STAGE = ".canonical"  # reshard's staging HF directory, inside the temporary output
 
@@ -59,7 +60,7 @@ def setup_model(hf_config, *, tp: int, pp: int, dtype: torch.dtype, vocab_divisi
     grid = init_distributed(parallel)
     (model,) = build_gpt(hf_config, parallel=parallel, dtype=dtype, vocab_divisible_by=vocab_divisible_by)
     params = mio.local_params(model)
-    te_names = any(n.endswith("layer_norm_weight") for n in params)
+    te_names = uses_te_names(params)
     layout = megatron_layout(ModelShape.from_hf_config(hf_config), grid, vocab_divisible_by=vocab_divisible_by,
                              te_names=te_names)
     rank = dist.get_rank()
@@ -100,7 +101,7 @@ def save_checkpoint(model, out: str, *, hf_dir: str, vocab_divisible_by: int = 1
                 padded_vocab=padded_vocab(shape.vocab, divisible_by=vocab_divisible_by, tp=tp),
                 param_dtype=_dtype_name(dtype), hf_dtype=_config_dtype(cfg, dtype),
                 shape=dict(shape.__dict__), versions=mio.versions()))
-        dist.barrier()
+        coll.barrier()
 
     if tmp is not None:
         work(tmp)
@@ -168,7 +169,7 @@ def write_hf(params: dict, layout, tmp: str, *, hf_dir: str, dtype: torch.dtype,
     if writer is not None:
         writer.close()
         hfio.copy_hf_extras(hf_dir, tmp)
-    dist.barrier()
+    coll.barrier()
 
 
 def megatron_to_hf(src: str, tmp: str, *, dtype: Optional[str] = None, max_shard_bytes: int = 5 * 2**30,
@@ -196,12 +197,12 @@ def reshard(src: str, tmp: str, *, tp: int, pp: int, progress: bool = False) -> 
     stage = os.path.join(tmp, STAGE)
     if dist.get_rank() == 0:
         os.makedirs(stage)
-    dist.barrier()
+    coll.barrier()
     megatron_to_hf(src, stage, dtype=meta.param_dtype, progress=progress)
     hf_to_megatron(stage, tmp, tp=tp, pp=pp, vocab_divisible_by=meta.vocab_divisible_by, progress=progress)
     if dist.get_rank() == 0:
         shutil.rmtree(stage)
-    dist.barrier()
+    coll.barrier()
 
 
 def ensure_process_group(timeout_s: float = 300.0) -> None:
@@ -213,13 +214,13 @@ def ensure_process_group(timeout_s: float = 300.0) -> None:
 def atomic(out: str, work, *, overwrite: bool = False) -> None:
     """Run ``work(tmp)`` on every rank into a temporary sibling of ``out``; rank 0 publishes it."""
     box = [hfio.make_partial_dir(out) if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(box, src=0)
+    box[0] = coll.broadcast_object(box[0], src=0)
     try:
         work(box[0])
-        dist.barrier()
+        coll.barrier()
         if dist.get_rank() == 0:
             hfio.publish_dir(box[0], out, overwrite=overwrite)
-        dist.barrier()
+        coll.barrier()
     finally:
         if dist.get_rank() == 0 and os.path.exists(box[0]):
             shutil.rmtree(box[0], ignore_errors=True)

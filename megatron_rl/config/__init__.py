@@ -96,8 +96,11 @@ class RolloutConfig:
     omp_threads_bind: str = "nobind"  # VLLM_CPU_OMP_THREADS_BIND; "auto" fails for 2 workers on one node
     enforce_eager: bool = True
     seed: int = 0
+    dtype: str = "auto"  # vLLM's weights and compute: auto (= model.dtype) | float32 | bfloat16
 
     def __post_init__(self):
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            _fail("rollout.dtype", f"unknown dtype {self.dtype!r}", "use auto (the training dtype), float32 or bfloat16")
         _positive("rollout", tp=self.tp, max_model_len=self.max_model_len, max_new_tokens=self.max_new_tokens)
         if self.load_format not in ("auto", "dummy"):
             _fail("rollout.load_format", f"unknown {self.load_format!r}", "use auto or dummy")
@@ -278,6 +281,11 @@ class Config:
                   f"{d.max_prompt_len} + {r.max_new_tokens}", "raise rollout.max_model_len or shorten prompts/responses")
         if self.parallel.world_size is not None:
             self.check_world(self.parallel.world_size)
+
+    @property
+    def rollout_dtype(self) -> str:
+        """vLLM's dtype: ``rollout.dtype``, or the training dtype when it is ``auto``."""
+        return self.model.dtype if self.rollout.dtype == "auto" else self.rollout.dtype
 
     def validate(self, *, world_size: int, hf_config=None, files: bool = True) -> None:
         """Every check at once, in the order a job needs them (call before any process group)."""

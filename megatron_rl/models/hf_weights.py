@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from megatron_rl.parallel.grid import LayoutError
-from megatron_rl.resharding.layout import ModelShape, assemble, megatron_rank_tensors
+from megatron_rl.resharding.layout import ModelShape, assemble, megatron_rank_tensors, uses_te_names
 
 __all__ = ["load_hf_into", "hf_tensor_files", "SliceReader"]
 
@@ -82,7 +82,7 @@ def load_hf_into(chunks: list, hf_path: str, *, hf_config=None, tp: Optional[int
         tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
     model = chunks[0]
     params = dict(_unwrap(model).named_parameters())
-    te_names = any(n.endswith("layer_norm_weight") for n in params)
+    te_names = uses_te_names(params)
     layout = megatron_rank_tensors(ModelShape.from_hf_config(hf_config), tp=tp, pp=pp, tp_rank=tp_rank,
                                    pp_rank=pp_rank, vocab_divisible_by=vocab_divisible_by, te_names=te_names)
     if set(layout) != set(params):

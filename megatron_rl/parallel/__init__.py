@@ -1,8 +1,8 @@
 """Process groups and megatron-core's parallel state, built from one :class:`RankGrid`.
 
 :func:`init_distributed` validates the layout *before* any process group exists, then
-initialises torch.distributed (gloo on CPU, NCCL on CUDA), applies the CPU compatibility
-layer when CUDA is absent, builds megatron-core's groups in the grid's order (tp-cp-ep-dp-pp)
+initialises torch.distributed (gloo on CPU, NCCL on CUDA), applies megatron's compatibility
+patches (all of them when CUDA is absent, the sequence-parallel norm patch always), builds megatron-core's groups in the grid's order (tp-cp-ep-dp-pp)
 with the configured timeout on every group, and seeds megatron's RNG tracker. Megatron's
 parallel state is module-global upstream; this module is the only one that touches it.
 
@@ -27,6 +27,16 @@ import torch
 from megatron_rl.parallel.grid import LayoutError, RankGrid, TrainCoord
 
 __all__ = ["init_distributed", "destroy_distributed", "check_layout", "RankGrid", "TrainCoord", "LayoutError"]
+
+
+_OWNED: list = []  # the process groups init_distributed created, newest last
+
+
+def _live_groups() -> list:
+    """Every process group torch.distributed currently holds (the default one included)."""
+    if not torch.distributed.is_initialized():
+        return []
+    return list(torch.distributed.distributed_c10d._world.pg_map)
 
 
 def _world_from_env(world_size: Optional[int]) -> tuple[int, int]:
@@ -79,20 +89,27 @@ def init_distributed(parallel, *, world_size: Optional[int] = None, hf_config=No
     if parallel_state.model_parallel_is_initialized():
         raise RuntimeError("megatron parallel state is already initialised; call destroy_distributed() first")
     if not torch.distributed.is_initialized():
+        kw = {}
         if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        torch.distributed.init_process_group(backend=backend, timeout=timeout, world_size=world_size, rank=rank)
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+            # Eager NCCL init: with a bound device every communicator (and every new_group's)
+            # connects at creation, so a first collective that some ranks skip (a sync bucket
+            # with no ops on them) cannot wait on a lazy init that never comes.
+            kw["device_id"] = device
+        torch.distributed.init_process_group(backend=backend, timeout=timeout, world_size=world_size, rank=rank, **kw)
     elif torch.distributed.get_world_size() != world_size:
         raise LayoutError(f"torch.distributed already has world size {torch.distributed.get_world_size()}, "
                           f"not {world_size}; fix: pass world_size={torch.distributed.get_world_size()}")
-    if not torch.cuda.is_available():
-        from megatron_rl.parallel import cpu_compat
+    from megatron_rl.parallel import cpu_compat
 
-        cpu_compat.apply()
+    cpu_compat.apply_for(cuda=torch.cuda.is_available())  # the SP norm patch is needed on GPU too
+    before = set(_live_groups())
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tp, pipeline_model_parallel_size=parallel.pp,
         context_parallel_size=parallel.cp, distributed_timeout_minutes=parallel.timeout_s / 60.0,
         order="tp-cp-ep-dp-pp")
+    _OWNED.extend(g for g in _live_groups() if g not in before)  # freed by destroy_distributed
     _check_ranks(grid, parallel_state)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     return grid
@@ -118,5 +135,11 @@ def destroy_distributed(*, keep_process_group: bool = False) -> None:
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
+    # megatron only drops its references: free the groups it built (each gloo group holds
+    # threads and sockets; a process that builds many layouts would otherwise pile them up).
+    while _OWNED:
+        group = _OWNED.pop()
+        if group in _live_groups():
+            torch.distributed.destroy_process_group(group)
     if not keep_process_group and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

@@ -24,6 +24,8 @@ from typing import Optional
 
 import torch
 
+from megatron_rl.parallel import collectives as coll
+
 
 def cp_chunk_ids(cp_size: int, cp_rank: int) -> tuple[int, int]:
     """The two of ``2*cp_size`` sequence chunks held by ``cp_rank``."""
@@ -64,7 +66,7 @@ class AllGatherCP(torch.autograd.Function):
             return x
         x = x.contiguous()
         out = torch.empty((n * x.size(0), *x.shape[1:]), dtype=x.dtype, device=x.device)
-        torch.distributed.all_gather_into_tensor(out, x, group=group)
+        coll.all_gather_into_tensor(out, x, group=group)
         return out
 
     @staticmethod
@@ -74,7 +76,7 @@ class AllGatherCP(torch.autograd.Function):
             return grad, None
         grad = grad.contiguous()
         out = torch.empty((grad.size(0) // n, *grad.shape[1:]), dtype=grad.dtype, device=grad.device)
-        torch.distributed.reduce_scatter_tensor(out, grad, group=ctx.group)
+        coll.reduce_scatter_tensor(out, grad, group=ctx.group)
         return out, None
 
 

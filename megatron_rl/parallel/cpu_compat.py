@@ -37,6 +37,7 @@ Usage::
 
     from megatron_rl.parallel import cpu_compat
     cpu_compat.apply()          # no-op when CUDA is available
+    cpu_compat.apply_for(cuda=torch.cuda.is_available())   # what init_distributed calls: patch 7 on GPU too
 """
 from __future__ import annotations
 
@@ -420,6 +421,26 @@ def needed() -> bool:
     return not torch.cuda.is_available()
 
 
+def apply_for(*, cuda: bool) -> list[str]:
+    """The patches a process needs: on every device, patch 7 (megatron's local spec, which GPU
+    runs without Transformer Engine use too, refuses sequence parallel); without CUDA, all of
+    them. Returns the names applied now (idempotent)."""
+    applied = ["sequence_parallel_norm"] if apply_sequence_parallel_norm() else []
+    if not cuda and apply():
+        applied.append("cpu")
+    return applied
+
+
+def apply_sequence_parallel_norm() -> bool:
+    """Patch 7 alone: needed on GPU too. Returns True if applied now."""
+    marker = importlib.import_module("megatron.core")
+    if getattr(marker, _MARK + "_norm", False):
+        return False
+    _patch_norm()
+    setattr(marker, _MARK + "_norm", True)
+    return True
+
+
 def apply(*, force: bool = False) -> bool:
     """Apply every patch once, when CUDA is absent (or ``force``). Returns True if applied now."""
     if not (force or needed()):
@@ -432,7 +453,7 @@ def apply(*, force: bool = False) -> bool:
         if getattr(mod, "torch", None) is torch:
             mod.torch = _TORCH_ON_CPU
     _patch_rng()
-    _patch_norm()
+    apply_sequence_parallel_norm()
     for modname, qualname, repl in SOURCE_REWRITES:
         rewrite_function(importlib.import_module(modname), qualname, repl)
     _patch_distopt_load()

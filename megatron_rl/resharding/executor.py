@@ -52,7 +52,7 @@ def checksum(t: torch.Tensor) -> int:
     total, chunk = 0, 1 << 20
     for s in range(0, bits.numel(), chunk):
         part = bits[s:s + chunk].to(torch.int64)
-        w = (torch.arange(s, s + part.numel(), dtype=torch.int64) % 8191) + 1
+        w = (torch.arange(s, s + part.numel(), dtype=torch.int64, device=part.device) % 8191) + 1
         total = (total + int((part * w).sum())) % (1 << 61)  # int64 sums wrap deterministically
     return total
 

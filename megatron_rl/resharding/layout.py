@@ -283,6 +283,12 @@ def layer_tensors(shape: ModelShape, *, names: LayerNames, layer: int, local_lay
     return out
 
 
+def uses_te_names(param_names) -> bool:
+    """True when a model's parameters carry Transformer Engine's names: TE fuses each norm into
+    the next linear (``...linear_qkv.layer_norm_weight``, ``...linear_fc1.layer_norm_weight``)."""
+    return any(n.endswith(("linear_qkv.layer_norm_weight", "linear_fc1.layer_norm_weight")) for n in param_names)
+
+
 def megatron_layer_tensors(shape: ModelShape, *, tp: int, tp_rank: int, layer: int, local_layer: int,
                            te_names: bool = False) -> dict[str, LocalTensor]:
     """The local tensors of one transformer layer at ``tp_rank`` of ``tp``: whole query groups per rank,

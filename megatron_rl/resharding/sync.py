@@ -28,7 +28,9 @@ import time
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 
+from megatron_rl.parallel import collectives as coll
 from megatron_rl.parallel.grid import LayoutError
 from megatron_rl.resharding.executor import Stats, run_plan
 from megatron_rl.resharding.layout import Layout
@@ -57,8 +59,6 @@ class WeightSync:
     def __init__(self, model_chunks, engine, *, src_layout: Layout, dst_layout: Layout, bucket_bytes: int = 64 << 20,
                  rank: Optional[int] = None, group=None, timeout: float = 60.0, dst_dtype: Optional[torch.dtype] = None,
                  verify: bool = False, transport=None, device=None):
-        import torch.distributed as dist
-
         self.rank = dist.get_rank() if rank is None else rank
         self.engine = engine
         self.src = model_tensors(model_chunks) if model_chunks is not None else {}
@@ -141,19 +141,17 @@ class WeightSync:
         Returns the number of slices checked on this rank; raises WeightSyncError naming the
         first mismatching parameter. All ranks call together (one all-reduce).
         """
-        import torch.distributed as dist
-
         st = self.last_stats
         if st is None or (not st.src_sums and not st.dst_sums and self.plan.num_ops):
             raise WeightSyncError("weight sync: verify() needs a checksummed sync; fix: call sync(verify=True) first")
         n = self.plan.num_ops
-        sums = torch.zeros(2, n, dtype=torch.int64)  # (src, dst) x op
+        sums = torch.zeros(2, n, dtype=torch.int64)  # (src, dst) x op; filled on the host
         for i, v in st.src_sums.items():
             sums[0, i] = v
         for i, v in st.dst_sums.items():
             sums[1, i] = v
         if dist.is_initialized() and dist.get_world_size(self.group) > 1:
-            dist.all_reduce(sums, group=self.group)
+            sums = coll.all_reduce(sums.to(coll.backend_device(self.group)), group=self.group).cpu()
         flat = [op for b in self.plan.buckets for op in b]
         checked = 0
         for i, op in enumerate(flat):

@@ -16,6 +16,8 @@ import datetime
 from dataclasses import dataclass
 from typing import Optional
 
+from megatron_rl.parallel import collectives as coll
+
 
 class WeightSyncError(RuntimeError):
     """A weight sync failed; the message names the parameter or the peer rank."""
@@ -52,12 +54,9 @@ class TorchP2P:
             out = [_coalesce(items, fill=False) for items in _by_peer(recvs)]
             recvs, unpack = [t for t, _ in out], [u for _, u in out if u is not None]
             self.buffer_bytes = sum(f.numel() * f.element_size() for f, _ in packed + unpack)
-        ops, meta = [], []
-        for kind, items in ((dist.isend, sends), (dist.irecv, recvs)):
-            for t in items:
-                ops.append(dist.P2POp(kind, t.tensor, t.peer, group=self.group, tag=t.tag))
-                meta.append(("send to" if kind is dist.isend else "receive from", t))
-        works = dist.batch_isend_irecv(ops) if ops else []
+        works = coll.batch_p2p([(t.tensor, t.peer, t.tag) for t in sends], [(t.tensor, t.peer, t.tag) for t in recvs],
+                               group=self.group)
+        meta = [("send to", t) for t in sends] + [("receive from", t) for t in recvs]
         return list(zip(works, meta)), unpack
 
     def wait(self, handle) -> None:

@@ -62,7 +62,9 @@ class Generation:
 
 @dataclass
 class MemoryReport:
-    """Bytes held per phase. ``rss`` on CPU; ``allocated``/``reserved`` on GPU (else 0)."""
+    """Bytes held per phase. ``rss`` on CPU; on GPU ``allocated``/``reserved`` (torch's allocator)
+    and ``device_used`` (the driver's view: total - free, which also sees vLLM's CuMem pool
+    that sleep releases and torch's counters do not), else 0."""
 
     phase: str
     kv_cache_bytes: int
@@ -70,12 +72,14 @@ class MemoryReport:
     rss: int = 0
     allocated: int = 0
     reserved: int = 0
+    device_used: int = 0
     extra: dict = field(default_factory=dict)
 
     def as_metrics(self, prefix: str = "rollout/mem") -> dict:
         return {f"{prefix}/{self.phase}/{k}": v for k, v in
                 (("kv_cache_bytes", self.kv_cache_bytes), ("weight_bytes", self.weight_bytes),
-                 ("rss", self.rss), ("allocated", self.allocated), ("reserved", self.reserved))}
+                 ("rss", self.rss), ("allocated", self.allocated), ("reserved", self.reserved),
+                 ("device_used", self.device_used))}
 
 
 class RolloutEngine(abc.ABC):

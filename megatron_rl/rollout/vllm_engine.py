@@ -37,6 +37,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from megatron_rl.parallel import collectives as coll
 from megatron_rl.rollout import cpu_memory
 from megatron_rl.rollout.base import (EngineStateError, Generation, MemoryReport, RolloutEngine, Sampling,
                                       check_tags)
@@ -114,9 +115,7 @@ class VllmEngine(RolloutEngine):
     # -- collectives ------------------------------------------------------------------------------
 
     def _gather(self, obj) -> list:
-        out = [None] * self.world
-        dist.all_gather_object(out, obj, group=self.group)
-        return out
+        return coll.all_gather_object(obj, group=self.group)
 
     def _agree(self, op: str, tags: tuple, error: Optional[str] = None) -> None:
         """All ranks must call ``op`` with the same tags from the same state, error-free.
@@ -126,9 +125,8 @@ class VllmEngine(RolloutEngine):
         """
         state = self.lc.state.short()
         digest = zlib.crc32(repr((op, tags, state)).encode())
-        mine = torch.tensor([digest, 1 if error else 0], dtype=torch.int64)
-        every = [torch.empty(2, dtype=torch.int64) for _ in range(self.world)]
-        dist.all_gather(every, mine, group=self.group)
+        mine = coll.tensor([digest, 1 if error else 0], dtype=torch.int64, group=self.group)
+        every = coll.all_gather(mine, group=self.group)
         if all(int(t[0]) == digest and not int(t[1]) for t in every):
             return
         seen = self._gather((tags, state, error))
@@ -278,9 +276,7 @@ class VllmEngine(RolloutEngine):
 
     def _finish_sync(self, op: str, error: Optional[str]) -> None:
         """Close a sync on every rank; any rank's failure leaves all of them awaiting a full sync."""
-        flags = [torch.empty(1, dtype=torch.int64) for _ in range(self.world)]
-        dist.all_gather(flags, torch.tensor([1 if error else 0]), group=self.group)
-        failed = any(int(f) for f in flags)
+        failed = any(coll.gather_flags(bool(error), group=self.group))
         self.lc.did_end_sync(complete=not failed)
         if failed:  # the texts travel only on failure
             errors = [(r, e) for r, e in enumerate(self._gather(error)) if e]
@@ -309,6 +305,8 @@ class VllmEngine(RolloutEngine):
         rep = MemoryReport(phase=phase, kv_cache_bytes=kv, weight_bytes=self.weights.nbytes())
         if self.cuda:
             rep.allocated, rep.reserved = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
+            free, total = torch.cuda.mem_get_info()
+            rep.device_used = total - free
         else:
             rep.rss = cpu_memory.rss_bytes()
         return rep

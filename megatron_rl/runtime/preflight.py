@@ -88,15 +88,15 @@ def _table(infos: list) -> str:
 
 def _preflight(rt: RankRuntime, cfg) -> int:
     import torch
-    import torch.distributed as dist
+
+    from megatron_rl.parallel import collectives as coll
 
     backend = cfg.parallel.backend if cfg.parallel.backend != "auto" else (
         "nccl" if torch.cuda.is_available() else "gloo")
     rt.init_process_group(backend=backend)
     with rt.phase("preflight"):
         t0 = time.perf_counter()
-        infos: list = [None] * rt.world_size
-        dist.all_gather_object(infos, rank_info(rt.rank))
+        infos = coll.all_gather_object(rank_info(rt.rank))
         reach_s = time.perf_counter() - t0
         mismatches = version_mismatches(infos)
         world, p = rt.world_size, cfg.parallel

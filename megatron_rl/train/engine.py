@@ -20,6 +20,7 @@ import torch
 
 from megatron_rl.models import build_gpt
 from megatron_rl.models.hf_weights import load_hf_into
+from megatron_rl.parallel import collectives as coll
 from megatron_rl.train.lm import lm_forward
 
 ForwardFn = Callable[[torch.nn.Module, dict], tuple]
@@ -107,13 +108,14 @@ def reduce_loss(outputs: list) -> tuple[float, int]:
     """
     from megatron.core import parallel_state as ps
 
-    acc = torch.zeros(2, dtype=torch.float64)
-    for m in outputs:
-        acc[0] += float(m["loss_sum"])
-        acc[1] += float(m["tokens"])
+    loss_sum = sum(float(m["loss_sum"]) for m in outputs)
+    tokens = sum(float(m["tokens"]) for m in outputs)
+    dp = ps.get_data_parallel_group(with_context_parallel=True)
+    pp = ps.get_pipeline_model_parallel_group()
+    acc = coll.tensor([loss_sum, tokens], dtype=torch.float64, group=dp)  # the group's device (NCCL: CUDA)
     if ps.is_pipeline_last_stage():
-        torch.distributed.all_reduce(acc, group=ps.get_data_parallel_group(with_context_parallel=True))
+        coll.all_reduce(acc, group=dp)
     if ps.get_pipeline_model_parallel_world_size() > 1:
-        torch.distributed.broadcast(acc, src=ps.get_pipeline_model_parallel_last_rank(),
-                                    group=ps.get_pipeline_model_parallel_group())
-    return float(acc[0]), int(acc[1])
+        coll.broadcast(acc, src=ps.get_pipeline_model_parallel_last_rank(), group=pp)
+    loss_sum, tokens = acc.tolist()
+    return loss_sum, int(tokens)

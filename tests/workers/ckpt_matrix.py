@@ -85,7 +85,7 @@ def main():
     rank = dist.get_rank()
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(3, 100, (2, 24), generator=g)
-    res = {"logits": {}, "skipped": [], "times": {}}
+    res = {"logits": {}, "skipped": [], "times": {}, "threads": []}
     for fam, src in paths.items():
         ref = hf_logits(src, tokens)
         shape = open_hf(src).shape
@@ -106,6 +106,7 @@ def main():
             spmd.load_checkpoint(fresh, out)
             got = forward_logits(fresh, tokens, shape.vocab)
             destroy_distributed(keep_process_group=True)
+            res["threads"].append(len(os.listdir("/proc/self/task")))  # freed groups leave no threads
             res["logits"][f"{fam} tp{tp}pp{pp}"] = (got - ref).abs().max().item()
             res["times"][f"{fam} tp{tp}pp{pp}"] = round(time.time() - t0, 2)
         # Megatron-core reshards our checkpoint on load: the (2,2) checkpoint at TP1 x PP2.

@@ -32,6 +32,31 @@ def expect_error(fn, *args, **kw) -> str:
     return "NO ERROR"
 
 
+def cuda_cycles(eng, same, lp_diff) -> dict:
+    """CUDA: sleep (level 1 offloads the weights to the host, level 2 discards them) returns the
+    KV cache and the weights to the device, measured by the driver's free memory (vLLM's CuMem
+    pool is invisible to torch's allocator counters); wake_up per tag brings them back."""
+    import torch
+
+    out = {}
+    shards = eng.weights.read_shards()  # host copy, to refill discarded weights
+    for mode in ("offload", "discard"):
+        eng.set_weights_release(mode)
+        torch.cuda.synchronize()
+        free0 = torch.cuda.mem_get_info()[0]
+        r = eng.release(["kv_cache", "weights"])
+        free1 = torch.cuda.mem_get_info()[0]
+        eng.resume(["weights"])
+        if mode == "discard":
+            eng.begin_weight_update()
+            eng.load_shards((n, t.cuda()) for n, t in shards.items())
+            eng.end_weight_update()
+        eng.resume(["kv_cache"])
+        out[mode] = {"freed": free1 - free0, "held": r.extra["kv_cache_bytes_before"] + r.extra["weight_bytes_before"],
+                     "same": same(), "lp_diff": lp_diff()}
+    return out
+
+
 def main():
     from megatron_rl.config import RolloutConfig
     from megatron_rl.rollout.base import Sampling
@@ -56,6 +81,13 @@ def main():
 
     def same():
         return [g.tokens for g in eng.generate(prompts, sampling=greedy)] == ref
+
+    if eng.cuda:  # CUDA sleep releases both tags together; see cuda_cycles
+        res["cuda"] = cuda_cycles(eng, same, lp_diff)
+        res["reports"] = [vars(m) for m in eng.reports]
+        write_result(res)
+        dist.barrier()
+        return
 
     # 1. KV cache.
     r = eng.release(["kv_cache"])
