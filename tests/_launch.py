@@ -38,6 +38,19 @@ def tiny_model_paths() -> dict:
     return paths
 
 
+LAUNCHES: list = []  # (name, wall seconds, timeout seconds) of every launch, printed by conftest
+
+
+def skip_or_fail(reason: str) -> None:
+    """Skip a test whose environment is missing, except under ``CI=true``: there it must run,
+    so a missing capability fails it (a green CI never hides a test that did not run)."""
+    import pytest
+
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"CI=true: this test must run, but {reason}")
+    pytest.skip(reason)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -81,8 +94,12 @@ def run_group(cmd, *, env, timeout: float, cwd: str = REPO) -> subprocess.Comple
     too, which a plain ``subprocess.run`` timeout would leave orphaned) and raise."""
     import signal
 
+    import time
+
     p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          start_new_session=True)
+    name = os.path.basename(str(next((c for c in cmd if str(c).endswith(".py")), cmd[-1])))
+    t0 = time.monotonic()
     try:
         out, err = p.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -91,6 +108,7 @@ def run_group(cmd, *, env, timeout: float, cwd: str = REPO) -> subprocess.Comple
         tail = "\n".join((out + "\n" + err).splitlines()[-60:])
         raise AssertionError(f"{' '.join(map(str, cmd[:6]))} timed out after {timeout} s (process group killed):\n{tail}")
     finally:
+        LAUNCHES.append((name, time.monotonic() - t0, timeout))
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
     return subprocess.CompletedProcess(cmd, p.returncode, out, err)

@@ -38,3 +38,17 @@ def tiny_models():
     from _launch import tiny_model_paths
 
     return tiny_model_paths()
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Every launch's wall time against its timeout: each must finish within half of it."""
+    from _launch import LAUNCHES
+
+    if not LAUNCHES:
+        return
+    tr = terminalreporter
+    tr.section("launch margins (wall / timeout; each must stay under half)")
+    for name, wall, timeout in sorted(LAUNCHES, key=lambda x: -x[1] / x[2]):
+        flag = "  OVER HALF" if wall > timeout / 2 else ""
+        tr.write_line(f"{name:32s} {wall:7.1f} s / {timeout:5.0f} s  ({wall / timeout:4.0%}){flag}")
+    tr.write_line(f"{len(LAUNCHES)} launches, {sum(w for _, w, _ in LAUNCHES):.0f} s in all")

@@ -10,13 +10,12 @@ launch). A further test drives the real CLI (the launching parent, its own torch
 atomic publish) for a reshard.
 """
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
 
-from _launch import REPO, torchrun
+from _launch import REPO, run_group, torchrun
 
 pytestmark = pytest.mark.multirank
 FAMILIES = ("llama", "qwen2", "qwen3")
@@ -71,9 +70,8 @@ def test_cli_reshard_matches_direct_conversion(matrix):
     out, _, _ = matrix
     src = os.path.join(out, "work", "qwen3-tp1pp2")
     dst = os.path.join(out, "cli-qwen3-tp2pp1")
-    r = subprocess.run([sys.executable, "-m", "megatron_rl.cli", "convert", "reshard", "--src", src, "--out", dst,
-                        "--tp", "2", "--pp", "1", "--no-progress"], cwd=REPO, capture_output=True, text=True,
-                       timeout=400, env=dict(os.environ, PYTHONPATH=REPO))
+    r = run_group([sys.executable, "-m", "megatron_rl.cli", "convert", "reshard", "--src", src, "--out", dst,
+                   "--tp", "2", "--pp", "1", "--no-progress"], timeout=400, env=dict(os.environ, PYTHONPATH=REPO))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert f"wrote {dst}" in r.stdout
     assert not [p for p in os.listdir(out) if p.startswith(".cli-qwen3")]

@@ -17,7 +17,7 @@ import subprocess
 
 import pytest
 
-from _launch import REPO, free_port
+from _launch import REPO, free_port, skip_or_fail
 from test_launch import launch_env, write_config
 
 import launch_hosts  # noqa: E402 (tests/workers is on sys.path via test_launch)
@@ -29,12 +29,12 @@ LAUNCH = os.path.join(REPO, "launch", "torchrun.sh")
 def _netns_or_skip(workdir):
     err = launch_hosts.ensure_tools(["ip", "nsenter", "unshare"])
     if err:
-        pytest.skip(f"network namespaces unavailable: {err}")
+        skip_or_fail(f"network namespaces unavailable: {err}")
     try:
         return launch_hosts.NetnsHosts(2, workdir=str(workdir)).__enter__()
     except (subprocess.CalledProcessError, OSError) as e:
         detail = getattr(e, "stderr", "") or str(e)
-        pytest.skip(f"network namespaces cannot be created here: {detail.strip()}")
+        skip_or_fail(f"network namespaces cannot be created here: {detail.strip()}")
 
 
 def _two_node_launch(hosts, tmp, *, name, env_extra, node_env=None, args=(), timeout=400):

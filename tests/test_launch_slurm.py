@@ -16,7 +16,7 @@ import subprocess
 import pytest
 import torch
 
-from _launch import REPO
+from _launch import REPO, skip_or_fail
 from test_launch import WORKER, launch_env, statuses, write_config
 
 import launch_hosts  # noqa: E402 (tests/workers is on sys.path via test_launch)
@@ -41,11 +41,11 @@ def expected_history(*, steps: int, world: int, lr: float, seed: int) -> list:
 def test_slurm_sbatch_two_nodes(tmp_path):
     err = launch_hosts.ensure_tools(["munged", "slurmctld", "slurmd", "sbatch", "ip", "nsenter", "unshare"])
     if err:
-        pytest.skip(f"cannot install slurm here: {err}")
+        skip_or_fail(f"cannot install slurm here: {err}")
     try:
         hosts = launch_hosts.NetnsHosts(2, workdir=str(tmp_path)).__enter__()
     except (subprocess.CalledProcessError, OSError) as e:
-        pytest.skip(f"network namespaces cannot be created here: {(getattr(e, 'stderr', '') or str(e)).strip()}")
+        skip_or_fail(f"network namespaces cannot be created here: {(getattr(e, 'stderr', '') or str(e)).strip()}")
     try:
         (tmp_path / "slurm").mkdir()
         with launch_hosts.SlurmCluster(hosts, workdir=str(tmp_path / "slurm")) as cluster:

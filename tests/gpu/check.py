@@ -118,7 +118,7 @@ def memory(work: str, smoke: bool) -> dict:
 
     out = {}
     if not smoke:
-        x = torch.empty(8 << 30, dtype=torch.uint8, device="cuda")  # 8 GiB cached after del
+        x = torch.ones(8 << 30, dtype=torch.uint8, device="cuda")  # 8 GiB, cached after del
         del x
         free0 = torch.cuda.mem_get_info()[0]
         return_cached_blocks()
