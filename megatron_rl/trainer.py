@@ -246,7 +246,7 @@ def setup(cfg: Config, *, hf_config) -> Job:
     from megatron_rl.resharding.vllm_layout import vllm_layout
     from megatron_rl.train.engine import TrainEngine
 
-    grid = init_distributed(cfg.parallel)
+    grid = init_distributed(cfg.parallel, seed=cfg.train.seed)
     rank, world = dist.get_rank(), dist.get_world_size()
     tok = AutoTokenizer.from_pretrained(cfg.model.hf_path)
     data = PromptDataset.from_config(cfg.data, prompt_len=lambda p: len(tok(p).input_ids))

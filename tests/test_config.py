@@ -81,9 +81,12 @@ def _yaml(tmp_path, text):
     return str(p)
 
 
-def _tiny_hf():
-    """The tiny llama's HF config fields (importing transformers would cost seconds)."""
-    return SimpleNamespace(**TINY_SHAPE, num_key_value_heads=FAMILIES["llama"]["num_key_value_heads"])
+def _tiny_hf(**rope):
+    """The tiny llama's HF config fields (importing transformers would cost seconds); ``rope``
+    replaces its plain-RoPE ``rope_parameters``."""
+    params = dict(rope) if rope else {"rope_type": "default", "rope_theta": 10000.0}
+    return SimpleNamespace(**TINY_SHAPE, num_key_value_heads=FAMILIES["llama"]["num_key_value_heads"],
+                           rope_parameters=params)
 
 
 # (name, how to build it, where the check runs, the start of the expected message)
@@ -130,6 +133,11 @@ BAD = [
      "config error: rollout.max_model_len: 1024 exceeds the model's max_position_embeddings=512"),
     ("section not a mapping", ["train=3"], None, "config error: train: expected a mapping, got int"),
     ("override not key=value", ["train.lr"], None, "config error: train.lr: override is not key=value"),
+    ("fp16 has no loss scaling", ["model.dtype=float16"], None,
+     "config error: model.dtype: float16 is not supported (no loss scaling); fix: use bfloat16"),
+    ("unknown recompute", ["train.recompute=partial"], None,
+     "config error: train.recompute: unknown mode 'partial'; fix: use none, full or selective"),
+    ("recompute as a bool", ["train.recompute=true"], None, "config error: train.recompute: unknown mode 'True'"),
 ]
 
 
@@ -149,6 +157,52 @@ def test_bad_config_one_clear_line(name, overrides, where, expected, tmp_path):
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith(expected), msg
     assert "; fix: " in msg, msg
+
+
+LLAMA3 = dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+              original_max_position_embeddings=8192)  # Llama-3.1-70B-Instruct's config.json
+BAD_ROPE = [
+    ("dynamic", dict(rope_type="dynamic", rope_theta=1e4, factor=2.0),
+     "rope_parameters.rope_type='dynamic' is not supported; fix: use a model whose rope_type is one of default, "
+     "linear, llama3, yarn"),
+    ("longrope", dict(rope_type="longrope", rope_theta=1e4), "rope_parameters.rope_type='longrope' is not supported"),
+    ("llama3 without factor", {k: v for k, v in LLAMA3.items() if k != "factor"},
+     "rope_type='llama3' needs rope_parameters.factor; fix: add it to the HF config.json"),
+    ("llama3 inverted band", dict(LLAMA3, low_freq_factor=4.0, high_freq_factor=1.0),
+     "rope_parameters.low_freq_factor must be < high_freq_factor"),
+    ("linear below 1", dict(rope_type="linear", rope_theta=1e4, factor=0.5), "rope_parameters.factor=0.5 must be >= 1"),
+    ("yarn without original length", dict(rope_type="yarn", rope_theta=1e4, factor=4.0),
+     "rope_type='yarn' needs rope_parameters.original_max_position_embeddings"),
+    ("unknown key", dict(LLAMA3, beta_fast=32), "rope_parameters.beta_fast is not supported for rope_type='llama3'"),
+    ("partial rotary", dict(rope_type="default", rope_theta=1e4, partial_rotary_factor=0.5),
+     "rope_parameters.partial_rotary_factor != 1 is not supported"),
+    ("no theta", dict(rope_type="default"), "rope_theta is missing; fix: set rope_parameters.rope_theta"),
+]
+
+
+@pytest.mark.parametrize("name,rope,expected", BAD_ROPE, ids=[b[0] for b in BAD_ROPE])
+def test_bad_rope_one_line_before_launch(name, rope, expected):
+    cfg = load_config(overrides=["model.hf_path=/models/m"])
+    with pytest.raises(ConfigError) as e:
+        cfg.check_hf_config(_tiny_hf(**rope))
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("config error: model.hf_path: /models/m config.json: " + expected), msg
+    assert "; fix: " in msg, msg
+
+
+@pytest.mark.parametrize("rope", [LLAMA3, dict(rope_type="linear", rope_theta=1e4, factor=2.0),
+                                  dict(rope_type="yarn", rope_theta=1e6, factor=4.0,
+                                       original_max_position_embeddings=32768),
+                                  dict(rope_type="default", rope_theta=1e6)], ids=lambda r: r["rope_type"])
+def test_supported_rope_passes(rope):
+    load_config().check_hf_config(_tiny_hf(**rope))
+
+
+def test_gpu_configs_recompute_full():
+    for name in ("gpu_7b_8gpu.yaml", "gpu_70b_64gpu.yaml"):
+        assert load_config(os.path.join(REPO, "configs", name)).train.recompute == "full"
+    assert load_config().train.recompute == "none"
+    assert load_config(overrides=["train.recompute=selective"]).train.recompute == "selective"
 
 
 def test_bad_yaml_files(tmp_path):

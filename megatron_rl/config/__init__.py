@@ -44,12 +44,15 @@ class ModelConfig:
     """Which HF model to train, and numerics."""
 
     hf_path: str = "runs/tiny-llama"
-    dtype: str = "float32"  # float32 | bfloat16 (bf16 is the GPU default in configs/gpu_*)
+    dtype: str = "float32"  # float32 | bfloat16 (bf16 is the GPU default in configs/gpu_*); trainer and vLLM
     make_vocab_size_divisible_by: int = 128  # Megatron pads vocab to a multiple of this x TP
 
     def __post_init__(self):
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            _fail("model.dtype", f"unknown dtype {self.dtype!r}", "use float32, bfloat16 or float16")
+        if self.dtype == "float16":
+            # fp16 needs dynamic loss scaling (a grad_scale_func), which the training loop does not run.
+            _fail("model.dtype", "float16 is not supported (no loss scaling)", "use bfloat16 (same memory) or float32")
+        if self.dtype not in ("float32", "bfloat16"):
+            _fail("model.dtype", f"unknown dtype {self.dtype!r}", "use float32 or bfloat16")
         _positive("model", make_vocab_size_divisible_by=self.make_vocab_size_divisible_by)
 
 
@@ -204,8 +207,8 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     micro_batch_groups: int = 2  # prompt groups per micro-batch (pad-free packed)
     shared_prefix: bool = True  # train on [P, R1..RG] packs instead of G full copies
-    recompute: bool = False
-    seed: int = 1234
+    recompute: str = "none"  # none | full (re-run every layer in backward) | selective (core attention only)
+    seed: int = 1234  # megatron's RNG (init_distributed); the prompt order uses data.seed
 
     def __post_init__(self):
         _positive("train", steps=self.steps, micro_batch_groups=self.micro_batch_groups)
@@ -227,6 +230,8 @@ class TrainConfig:
             _fail("train.adam_eps", f"must be > 0, got {self.adam_eps}", "use e.g. 1e-8")
         if self.grad_clip < 0:
             _fail("train.grad_clip", f"must be >= 0, got {self.grad_clip}", "use e.g. 1.0, or 0 to disable")
+        if self.recompute not in ("none", "full", "selective"):
+            _fail("train.recompute", f"unknown mode {self.recompute!r}", "use none, full or selective")
 
 
 @dataclass
@@ -347,7 +352,13 @@ class Config:
             _fail("model.hf_path", f"vocab_size={vocab_size}", "point model.hf_path at a valid HF model")
 
     def check_hf_config(self, hf_config) -> None:
-        """:meth:`check_model` with the shape read from a transformers config object."""
+        """:meth:`check_model` with the shape read from a transformers config object, and its RoPE."""
+        from megatron_rl.models import RopeError, rope_spec
+
+        try:
+            rope_spec(hf_config)
+        except RopeError as e:
+            _fail("model.hf_path", f"{self.model.hf_path} config.json: {e.problem}", e.fix)
         self.check_model(num_attention_heads=hf_config.num_attention_heads,
                          num_key_value_heads=getattr(hf_config, "num_key_value_heads", None)
                          or hf_config.num_attention_heads,

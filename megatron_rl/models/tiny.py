@@ -50,8 +50,11 @@ def build_tokenizer():
                                    unk_token="<unk>", model_max_length=TINY_SHAPE["max_position_embeddings"])
 
 
-def tiny_hf_config(family: str, *, tied: bool | None = None, **overrides):
-    """The transformers config of a tiny model of ``family``."""
+def tiny_hf_config(family: str, *, tied: bool | None = None, rope_parameters: dict | None = None, **overrides):
+    """The transformers config of a tiny model of ``family``.
+
+    ``rope_parameters`` (e.g. ``{"rope_type": "llama3", "factor": 8.0, ...}``) replaces plain RoPE;
+    ``rope_theta`` defaults to 10000 as in the plain models."""
     from transformers import AutoConfig
 
     if family not in FAMILIES:
@@ -63,6 +66,9 @@ def tiny_hf_config(family: str, *, tied: bool | None = None, **overrides):
     kw = dict(shape, num_key_value_heads=spec["num_key_value_heads"], head_dim=spec["head_dim"],
               tie_word_embeddings=tie, rms_norm_eps=1e-6, rope_theta=10000.0, hidden_act="silu",
               bos_token_id=1, eos_token_id=2, pad_token_id=0, torch_dtype="float32")
+    if rope_parameters is not None:
+        kw.pop("rope_theta")
+        kw["rope_parameters"] = dict({"rope_theta": 10000.0}, **rope_parameters)
     if family == "llama":
         kw.update(attention_bias=False, mlp_bias=False)
     if family == "qwen3":
@@ -73,7 +79,7 @@ def tiny_hf_config(family: str, *, tied: bool | None = None, **overrides):
 
 
 def make_tiny_model(out_dir: str, *, family: str = "llama", tied: bool | None = None, seed: int = 0,
-                    **overrides) -> str:
+                    rope_parameters: dict | None = None, **overrides) -> str:
     """Build a tiny random model and its tokenizer, saved with ``save_pretrained`` into ``out_dir``.
 
     The directory is written under a temporary name and renamed, so a crash never leaves
@@ -82,7 +88,7 @@ def make_tiny_model(out_dir: str, *, family: str = "llama", tied: bool | None = 
     import torch
     from transformers import AutoModelForCausalLM
 
-    cfg = tiny_hf_config(family, tied=tied, **overrides)
+    cfg = tiny_hf_config(family, tied=tied, rope_parameters=rope_parameters, **overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     with torch.no_grad():

@@ -37,7 +37,7 @@ class TrainEngine:
 
         self.hf_config, self.parallel, self.forward_fn = hf_config, parallel, forward_fn
         chunks = build_gpt(hf_config, parallel=parallel, dtype=dtype, vocab_divisible_by=vocab_divisible_by,
-                           core_attention=core_attention)
+                           core_attention=core_attention, recompute=train.recompute)
         if hf_path is not None:
             load_hf_into(chunks, hf_path, hf_config=hf_config, vocab_divisible_by=vocab_divisible_by)
         self.tf_config = tf = chunks[0].config
@@ -48,7 +48,8 @@ class TrainEngine:
         self.model = [DistributedDataParallel(config=tf, ddp_config=ddp_config, module=c) for c in chunks]
         opt_config = OptimizerConfig(
             optimizer="adam", lr=train.lr, min_lr=train.min_lr, weight_decay=train.weight_decay,
-            adam_beta1=train.adam_beta1, adam_beta2=train.adam_beta2, clip_grad=train.grad_clip,
+            adam_beta1=train.adam_beta1, adam_beta2=train.adam_beta2, adam_eps=train.adam_eps,
+            clip_grad=train.grad_clip,
             bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, params_dtype=dtype,
             use_distributed_optimizer=parallel.distributed_optimizer)
         self.optimizer = get_megatron_optimizer(opt_config, self.model)
