@@ -10,9 +10,8 @@ import pytest
 import torch
 
 from megatron_rl.attention import Group, PackingError, build_local, pack_groups
-from megatron_rl.attention.kernels import flex_attention_plan, flex_block_mask, reference_attention, task_attention
+from megatron_rl.attention.kernels import reference_attention, task_attention
 from megatron_rl.attention.packing import pack_naive
-from megatron_rl.attention.plan import PAD_GROUP
 
 pytestmark = pytest.mark.unit
 
@@ -138,6 +137,18 @@ def test_task_area_is_split_not_quadratic():
     assert area < 0.7 * (p + g * r) ** 2
 
 
+def cp_rank_inputs(mb, cp, q, k, v):
+    """Simulate CP in one process: ``[(local batch, local q, key-space k, v)]`` per rank, the key
+    space being the all-gathered prompt slots (in canonical order) followed by the local rows."""
+    locals_ = [build_local(mb, cp_size=cp, cp_rank=r, pad_multiple=2) for r in range(cp)]
+    rows = lambda x, lb: torch.where((lb.global_index >= 0)[:, None, None], x[lb.global_index.clamp(min=0)], 0.0)  # noqa: E731
+    slots = locals_[0].plan.prompt_slots
+    gk = torch.cat([rows(k, lb)[:slots] for lb in locals_])
+    gv = torch.cat([rows(v, lb)[:slots] for lb in locals_])
+    return [(lb, rows(q, lb), torch.cat([gk[lb.plan.gather_index], rows(k, lb)]),
+             torch.cat([gv[lb.plan.gather_index], rows(v, lb)])) for lb in locals_]
+
+
 @pytest.mark.parametrize("cp", [2, 3])
 def test_cp_plan_equals_single_rank(cp):
     """Simulate CP in one process: gather the prompt slots, attend per rank, compare to CP=1."""
@@ -147,19 +158,14 @@ def test_cp_plan_equals_single_rank(cp):
     q, k, v = [x.requires_grad_() for x in _qkv(t)]
     scale = 0.3
     full = _naive_rows(groups, mb, q, k, v, scale)
-    locals_ = [build_local(mb, cp_size=cp, cp_rank=r, pad_multiple=2) for r in range(cp)]
-    assert len({lb.num_tokens for lb in locals_}) == 1
+    ranks = cp_rank_inputs(mb, cp, q, k, v)
+    assert len({lb.num_tokens for lb, *_ in ranks}) == 1
     # every response (the empty one included) is on exactly one rank
-    assert sorted(key for lb in locals_ for key in lb.response_keys) == sorted(mb.response_keys)
-    rows = lambda x, lb: torch.where((lb.global_index >= 0)[:, None, None], x[lb.global_index.clamp(min=0)], 0.0)  # noqa: E731
-    slots = locals_[0].plan.prompt_slots
-    gk = torch.cat([rows(k, lb)[:slots] for lb in locals_])
-    gv = torch.cat([rows(v, lb)[:slots] for lb in locals_])
+    assert sorted(key for lb, *_ in ranks for key in lb.response_keys) == sorted(mb.response_keys)
+    slots = ranks[0][0].plan.prompt_slots
     loss, w = 0.0, torch.randn(full.shape)
-    for lb in locals_:
-        kk = torch.cat([gk[lb.plan.gather_index], rows(k, lb)])
-        vv = torch.cat([gv[lb.plan.gather_index], rows(v, lb)])
-        out = task_attention(rows(q, lb), kk, vv, tasks=lb.plan.tasks, scale=scale)
+    for lb, qq, kk, vv in ranks:
+        out = task_attention(qq, kk, vv, tasks=lb.plan.tasks, scale=scale)
         real = lb.global_index >= 0
         assert (out[real] - full[lb.global_index[real]]).abs().max() < 1e-5
         # count each canonical row once: skip query-only copies of the last prompt token
@@ -187,19 +193,6 @@ def test_cp_split_is_balanced_and_responses_stay_whole():
     assert max(resp_tokens) - min(resp_tokens) <= 64
     # the prompt activations per rank fall as 1/CP
     assert max(lb.plan.prompt_slots for lb in locals_) <= p // cp + 2
-
-
-def test_flex_mask_path_matches_tasks_forward():
-    """The GPU path's block mask, run forward on CPU (FlexAttention has no CPU backward)."""
-    groups = _groups(SPECS)
-    (mb,) = pack_groups(groups, max_tokens=1000)
-    plan = build_local(mb, pad_multiple=8).plan
-    q, k, v = [torch.nn.functional.pad(x, (0, 0, 0, 0, 0, plan.num_queries - mb.num_tokens)) for x in _qkv(mb.num_tokens)]
-    mask = flex_block_mask(plan.q_meta, plan.k_meta, device="cpu")
-    out = flex_attention_plan(q, k, v, block_mask=mask, scale=0.25)
-    ref = task_attention(q, k, v, tasks=plan.tasks, scale=0.25)
-    real = plan.q_meta["group"] != PAD_GROUP
-    assert (out[real] - ref[real]).abs().max() < 1e-5
 
 
 def test_naive_layout_rows():

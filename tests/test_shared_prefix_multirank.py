@@ -5,8 +5,10 @@ shared-prefix path vs the naive path (each ``[P, R_i]`` alone, megatron's own at
 vs HF transformers, and every parameter's gradient (relative error). The batch
 (tests/workers/prefix_cases.py) has G = 1, 4, 8, unequal and empty responses, and several
 groups per micro-batch over two micro-batches. At TP1 it also checks full activation
-recompute, one real TrainEngine step (DDP + megatron optimizer), and a negative control
-(responses not restarting their positions at len(P)) that the comparison must catch.
+recompute, one real TrainEngine GRPO step (DDP + megatron optimizer), and a negative control
+(responses not restarting their positions at len(P)) that the comparison must catch. At TP2 with
+sequence parallelism (tp2sp) and with the distributed optimizer (tp2do) the same GRPO engine step
+must match tp1's loss, grad norm and updated weights.
 """
 import os
 import time
@@ -56,12 +58,17 @@ def _check(results, hf_reference, expected_cases):
                 eng = c["engine"]
                 assert eng["tokens"] == eng["naive_tokens"], name
                 assert abs(eng["loss"] - eng["naive_loss"]) < TOL * max(1.0, abs(eng["naive_loss"])), f"{name}: {eng}"
+                assert eng["weight_change"] > 5e-5, f"{name}: the step must move the weights (control): {eng}"
+            if c["layout"] in ("tp2sp", "tp2do"):  # GRPO engine step vs tp1's, same launch
+                eng = c["engine_vs_tp1"]
+                assert eng["loss_diff"] < TOL and eng["grad_norm_rel"] < TOL, f"{name}: {eng}"
+                assert eng["max_weight_diff"] < TOL, f"{name}: {eng}"
     assert seen == expected_cases
 
 
 def test_shared_prefix_exact_world2(hf_reference):
     t0 = time.time()
-    layouts = ["tp1", "tp2", "pp2", "cp2"]
+    layouts = ["tp1", "tp2", "pp2", "cp2", "tp2sp", "tp2do"]  # tp1 first: tp2sp/tp2do compare with it
     _, results = torchrun(WORKER, nproc=2, out_dir=os.path.join(OUT, "w2"), args=["llama,qwen2", ",".join(layouts)],
                           timeout=600)
     _check(results, hf_reference, {(m, lay) for m in ("llama", "qwen2") for lay in layouts})

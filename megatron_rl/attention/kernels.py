@@ -7,8 +7,10 @@
   identity ring attention uses), summing dQ/dK/dV. Nothing quadratic in the packed length
   is materialised; a response block attends to ``[prompt]`` (dense) and ``[itself]``
   (causal) as two tasks.
-* :func:`flex_attention_plan` (CUDA): one FlexAttention call whose block mask is built from
-  the plan's per-token metadata; fully masked 128x128 blocks are skipped by the kernel.
+* :func:`flex_attention_plan` (CUDA): one compiled FlexAttention call whose block mask is built
+  (compiled, sparse) from the plan's per-token metadata; fully masked 128x128 blocks are skipped
+  by the kernel. Lengths are padded to power-of-two buckets (pads masked out) and compiled with
+  automatic dynamic shapes on CUDA, so changing packed lengths compile at most twice.
 * :func:`reference_attention`: dense masked softmax from the same metadata, for tests only.
 
 All take ``q (Tq, H, D)``, ``k/v (Tk, Hk, D)`` with ``H % Hk == 0`` (GQA) and return
@@ -102,36 +104,69 @@ def reference_attention(q, k, v, *, q_meta: dict, k_meta: dict, scale: float) ->
     return torch.matmul(probs, vv).permute(1, 0, 2)  # (Tq, H, D)
 
 
-def flex_block_mask(q_meta: dict, k_meta: dict, *, device):
-    """A FlexAttention ``BlockMask`` for the plan (build once per micro-batch, reuse per layer)."""
-    from torch.nn.attention.flex_attention import create_block_mask
+FLEX_BLOCK = 128   # FlexAttention's sparse block size: the smallest bucket
+_BUCKET_PAD = -3   # group id of bucket-pad rows: matches no real or plan-pad row, so they are masked out
 
-    qm = {n: t.to(device) for n, t in q_meta.items()}
-    km = {n: t.to(device) for n, t in k_meta.items()}
+
+def flex_bucket(n: int) -> int:
+    """The padded length FlexAttention runs for ``n`` rows: the next power of two >= ``n``
+    (at least ``FLEX_BLOCK``). Pad rows fill only fully masked blocks, which the kernel skips,
+    so the padding costs memory for Q/K/V (< 2x) but no attention work; greedy packing keeps
+    a run's lengths within about one octave of ``max_tokens``, i.e. one or two buckets."""
+    return max(FLEX_BLOCK, 1 << max(0, n - 1).bit_length())
+
+
+def _pad_meta(meta: dict, length: int) -> dict:
+    pad = length - len(meta["pos"])
+    fill = {"group": _BUCKET_PAD, "resp": _BUCKET_PAD, "pos": 0, "valid": 0}
+    return {n: torch.cat([t, t.new_full((pad,), fill[n])]) for n, t in meta.items()}
+
+
+def flex_block_mask(q_meta: dict, k_meta: dict, *, device):
+    """A FlexAttention ``BlockMask`` for the plan (build once per micro-batch, reuse per layer).
+
+    Query and key lengths are padded up to :func:`flex_bucket` (pad keys invalid, pad queries
+    in no group), so packed lengths that change every step give few distinct shapes. The mask
+    is built by a compiled ``create_block_mask``: block by block, never as a dense Tq x Tk tensor.
+    """
+    tq, tk = flex_bucket(len(q_meta["pos"])), flex_bucket(len(k_meta["pos"]))
+    qm = {n: t.to(device) for n, t in _pad_meta(q_meta, tq).items()}
+    km = {n: t.to(device) for n, t in _pad_meta(k_meta, tk).items()}
 
     def mask_mod(b, h, qi, ki):
         return allowed(qm, km, qi, ki)
 
-    return create_block_mask(mask_mod, None, None, len(qm["pos"]), len(km["pos"]), device=device)
+    return _compiled("create_block_mask", _flex_dynamic(device))(mask_mod, None, None, tq, tk, device=device)
 
 
 def flex_attention_plan(q, k, v, *, block_mask, scale: float) -> torch.Tensor:
-    """One FlexAttention call over the plan's block mask (GPU fast path)."""
-    from torch.nn.attention.flex_attention import flex_attention
+    """One compiled FlexAttention call over the plan's block mask (GPU fast path; CPU forward only).
 
-    fn = flex_attention
-    if q.is_cuda:
-        fn = _compiled_flex()
-    out = fn(_heads_first(q), _heads_first(k), _heads_first(v), block_mask=block_mask, scale=scale,
-             enable_gqa=q.size(1) != k.size(1))
-    return out[0].permute(1, 0, 2)  # (Tq, H, D)
+    ``q``/``k``/``v`` are zero-padded to the mask's bucketed lengths; the pad rows are masked
+    out and dropped, so the result (and its gradient) is that of the unpadded call.
+    """
+    tq, tk = block_mask.seq_lengths
+    pad = lambda x, n: x if x.size(0) == n else torch.nn.functional.pad(x, (0, 0, 0, 0, 0, n - x.size(0)))  # noqa: E731
+    fn = _compiled("flex_attention", _flex_dynamic(q.device))
+    out = fn(_heads_first(pad(q, tq)), _heads_first(pad(k, tk)), _heads_first(pad(v, tk)), block_mask=block_mask,
+             scale=scale, enable_gqa=q.size(1) != k.size(1))
+    return out[0, :, :q.size(0)].permute(1, 0, 2)  # (Tq, H, D)
 
 
 @functools.cache
-def _compiled_flex():
-    from torch.nn.attention.flex_attention import flex_attention
+def _compiled(name: str, dynamic):
+    """``torch.compile`` of a flex_attention function (``dynamic=None``: the first shape compiles
+    static, the first change of shape recompiles with dynamic lengths, then no more)."""
+    from torch.nn.attention import flex_attention as fa
 
-    return torch.compile(flex_attention, dynamic=False)
+    return torch.compile(getattr(fa, name), dynamic=dynamic)
+
+
+def _flex_dynamic(device) -> bool | None:
+    """Automatic dynamic shapes on CUDA; static on CPU, where inductor's C++ code for the flex
+    kernel and the mask builder fails to compile symbolic lengths (torch 2.13: "'cur_qSplitSize0'
+    was not declared"). Either way the power-of-two buckets bound the number of distinct shapes."""
+    return None if torch.device(device).type == "cuda" else False
 
 
 def causal_attention(q, k, v, *, scale: float) -> torch.Tensor:

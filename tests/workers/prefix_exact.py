@@ -31,7 +31,9 @@ from megatron_rl.models.hf_weights import load_hf_into  # noqa: E402
 from megatron_rl.parallel import destroy_distributed, init_distributed  # noqa: E402
 
 LAYOUTS = {"tp1": dict(), "tp2": dict(tp=2), "pp2": dict(pp=2), "cp2": dict(cp=2), "tp2cp2": dict(tp=2, cp=2),
-           "tp2sp": dict(tp=2, sequence_parallel=True)}
+           "tp2sp": dict(tp=2, sequence_parallel=True), "tp2do": dict(tp=2, distributed_optimizer=True)}
+ENGINE_VS_TP1 = ("tp2sp", "tp2do")  # layouts whose GRPO engine step is compared with tp1's (same launch)
+_TP1_ENGINE = {}  # model -> tp1 engine result (tp1 runs first)
 
 
 def _schedule(chunks, batches, step_fn, *, seq_length, micro_batch_size, forward_only=False):
@@ -123,6 +125,8 @@ def _max_diff(a: dict, b: dict) -> float:
 
 
 def _grads(chunks, par) -> dict:
+    """Every local parameter's gradient, summed over CP, and over TP for sequence-parallel norms
+    (their grads are partial per TP rank, as megatron's finalize_model_grads would sum them)."""
     from megatron.core import parallel_state as ps
 
     out = {}
@@ -130,6 +134,8 @@ def _grads(chunks, par) -> dict:
         g = p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
         if par.cp > 1:
             torch.distributed.all_reduce(g, group=ps.get_context_parallel_group())
+        if par.sequence_parallel and getattr(p, "sequence_parallel", False):
+            torch.distributed.all_reduce(g, group=ps.get_tensor_model_parallel_group())
         out[name] = g
     return out
 
@@ -146,20 +152,76 @@ def _recompute_check(chunks, groups, par, g_ref) -> float:
     return max(float((g[n] - g_ref[n]).norm() / g_ref[n].norm()) for n in g_ref)
 
 
-def _engine_check(hf_config, path, par, groups, naive) -> dict:
-    """One TrainEngine step (DDP, megatron optimizer) on shared-prefix batches: its loss is the
-    token-mean of -w * log p, which must equal the same mean over the naive log-probs."""
+def _grpo_loss(old: dict):
+    """GRPO's clipped surrogate, summed: ``old_logp`` = the naive log-probs minus 0.3*cos(target),
+    so ratios span [0.74, 1.35] and both clip branches occur (a layout-independent fixed input)."""
+    from megatron_rl.algorithms.losses import clipped_policy_loss
+
+    def loss(logp, local):
+        old_lp = torch.cat([old[tuple(k)] for k in local.response_keys] + [torch.zeros(0)]).to(logp)
+        old_lp = old_lp - 0.3 * torch.cos(local.targets.to(logp.device).float())
+        per_token, _ = clipped_policy_loss(logp, old_logp=old_lp, advantages=local.advantages.to(logp.device),
+                                           clip_low=0.2, clip_high=0.28)
+        loss_sum, n = per_token.sum(), torch.tensor(logp.numel(), dtype=torch.int)
+        return loss_sum, n, {"loss_sum": loss_sum.detach().clone(), "tokens": n.clone()}
+
+    return loss
+
+
+def _weights(chunks) -> dict:
+    """name -> sorted values of the full (TP-gathered) parameter: layout-independent, since TP
+    shards only permute rows (e.g. the gate/up halves of a gated fc1)."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_rl.attention.core import unwrap
+
+    tp, out = ps.get_tensor_model_parallel_world_size(), {}
+    for name, p in unwrap(chunks[0]).named_parameters():
+        x = p.detach().float().flatten().clone()
+        if tp > 1 and getattr(p, "tensor_model_parallel", False):
+            parts = [torch.empty_like(x) for _ in range(tp)]
+            torch.distributed.all_gather(parts, x, group=ps.get_tensor_model_parallel_group())
+            x = torch.cat(parts)
+        out[name] = x.sort().values
+    return out
+
+
+def _weight_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys(), sorted(set(a) ^ set(b))
+    return max(float((a[n] - b[n]).abs().max()) if a[n].shape == b[n].shape else float("inf") for n in a)
+
+
+def _engine_check(hf_config, path, par, groups, naive, model, layout) -> dict:
+    """One TrainEngine GRPO step (DDP, megatron Adam; distributed at tp2do) on shared-prefix
+    batches. lr 1e-4: Adam maps near-zero grads to updates of ~lr, so grad noise of 1e-7 moves
+    such weights by up to ~2% of lr (1.8e-5 at lr 1e-3). At tp1: its loss (token mean) must equal the same mean over the naive log-probs, and
+    the step must move the weights. Elsewhere: loss, grad norm and updated weights vs tp1's."""
     from megatron_rl.config import TrainConfig
     from megatron_rl.train.engine import TrainEngine
 
-    eng = TrainEngine(hf_config, parallel=par, train=TrainConfig(lr=1e-3, grad_clip=0.0), hf_path=path,
-                      core_attention=SharedPrefixCoreAttention, forward_fn=make_forward_fn(pg_loss))
+    eng = TrainEngine(hf_config, parallel=par, train=TrainConfig(lr=1e-4, grad_clip=0.0), hf_path=path,
+                      core_attention=SharedPrefixCoreAttention, forward_fn=make_forward_fn(_grpo_loss(naive)))
     enable_shared_prefix(eng.model)
+    before = _weights(eng.model)
     out = eng.step(make_batches(groups, max_tokens=MAX_TOKENS, cp_size=par.cp, pad_multiple=par.tp))
-    num = sum(-float((torch.tensor(groups[g].advantages[i]) * lp).sum()) for (g, i), lp in naive.items())
-    den = sum(lp.numel() for lp in naive.values())
-    dp = torch.distributed.get_world_size() // (par.tp * par.pp * par.cp)  # DP ranks repeat the batch
-    return {"loss": out["loss"], "naive_loss": num / den, "tokens": out["tokens"], "naive_tokens": den * dp}
+    after = _weights(eng.model)
+    res = {"loss": out["loss"], "grad_norm": out["grad_norm"], "tokens": out["tokens"]}
+    if layout == "tp1":
+        num = 0.0
+        for (g, i), lp in naive.items():
+            ratio = torch.exp(0.3 * torch.cos(torch.tensor(groups[g].responses[i]).float()))
+            adv = torch.tensor(groups[g].advantages[i])
+            num += float(torch.maximum(-adv * ratio, -adv * ratio.clamp(0.8, 1.28)).sum())
+        den = sum(lp.numel() for lp in naive.values())
+        dp = torch.distributed.get_world_size() // (par.tp * par.pp * par.cp)  # DP ranks repeat the batch
+        _TP1_ENGINE[model] = dict(res, weights=after)
+        return dict(res, naive_loss=num / den, naive_tokens=den * dp, weight_change=_weight_diff(after, before))
+    if model not in _TP1_ENGINE:
+        raise ValueError(f"layout {layout} compares with tp1: list tp1 first in the same launch")
+    ref = _TP1_ENGINE[model]
+    return dict(res, loss_diff=abs(res["loss"] - ref["loss"]),
+                grad_norm_rel=abs(res["grad_norm"] - ref["grad_norm"]) / ref["grad_norm"],
+                max_weight_diff=_weight_diff(after, ref["weights"]))
 
 
 def run_case(model: str, layout: str, path: str) -> dict:
@@ -182,7 +244,9 @@ def run_case(model: str, layout: str, path: str) -> dict:
             wrong, _ = _shared_step(shared_model, groups, par, wrong_positions=True)
             extra["control_logp_diff"] = _max_diff(wrong, naive)
             extra["recompute_max_grad_rel"] = _recompute_check(shared_model, groups, par, g_ref)
-            extra["engine"] = _engine_check(hf_config, path, par, groups, naive)
+            extra["engine"] = _engine_check(hf_config, path, par, groups, naive, model, layout)
+        if layout in ENGINE_VS_TP1:
+            extra["engine_vs_tp1"] = _engine_check(hf_config, path, par, groups, naive, model, layout)
         return {"model": model, "layout": layout, "micro_batches": n_mb, "seconds": time.perf_counter() - t0,
                 "max_logp_diff": _max_diff(shared, naive) if naive else None, **extra,
                 "keys_naive": sorted(map(list, naive)),
