@@ -218,3 +218,22 @@ def test_canonical_pieces_tile_every_tensor_once(family, tied):
             assert all(grid.coords(p.rank).dp == 0 for p in ps)  # DP replicas are never sources
         emb = pieces["model.embed_tokens.weight"]
         assert {p.local for p in emb} == {"embedding.word_embeddings.weight"}  # never the tied last-stage copy
+
+
+def test_broken_checkpoint_module_is_an_error_not_no_checkpoint(tmp_path, monkeypatch):
+    """A checkpoint module that fails to import must stop the run, naming the field and the fix;
+    before the fix resume_state answered "no checkpoint" (a silent restart at step 0) and
+    save_state wrote nothing."""
+    import sys
+
+    from megatron_rl import trainer
+    from megatron_rl.config import load_config
+
+    cfg = load_config(overrides=[f"checkpoint.dir={tmp_path / 'ckpt'}", "checkpoint.resume=true"])
+    monkeypatch.setitem(sys.modules, "megatron_rl.checkpoint.rl", None)  # importing it raises ImportError
+    with pytest.raises(ImportError, match=r"checkpoint.resume=true .*cannot be imported.*; fix: "):
+        trainer.resume_state(cfg, None, data=None)
+    with pytest.raises(ImportError, match=r"checkpoint.dir=.* is set but .*cannot be imported.*; fix: "):
+        trainer.save_state(cfg, None, step=0, data=None, rewards=[])
+    monkeypatch.delitem(sys.modules, "megatron_rl.checkpoint.rl")
+    from megatron_rl.checkpoint.rl import load_rl_checkpoint  # noqa: F401  (unpatched, it imports: the error was ours)
