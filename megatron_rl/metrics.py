@@ -37,7 +37,7 @@ _MIB = float(1 << 20)
 STEP_FIELDS = (
     "step", "reward/mean", "reward/std", "reward/min", "reward/max", "reward/zero_adv_groups",
     "response_len/mean", "response_len/max", "response_len/truncated_frac",
-    "loss", "pg_loss", "kl", "grad_norm", "lr", "clip_frac", "tis_weight_mean",
+    "loss", "pg_loss", "kl", "grad_norm", "lr", "clip_frac", "tis_weight_mean", "tis_clip_frac",
     "mismatch/abs_mean", "mismatch/abs_max", "mismatch/kl_k1", "mismatch/kl_k3",
     *[f"time/{p}_s" for p in PHASES], "time/step_s", *[f"mem/{p}_mib" for p in PHASES],
 )

@@ -180,8 +180,10 @@ def make_reference(cfg: Config, *, hf_config):
 def save_state(cfg: Config, eng, *, step: int, data, rewards: list) -> None:
     try:
         from megatron_rl.checkpoint.rl import save_rl_checkpoint
-    except ImportError:
-        return  # not wired yet
+    except ImportError as e:  # never drop a checkpoint silently: a broken install must stop the run
+        raise ImportError(f"checkpoint.dir={cfg.checkpoint.dir!r} is set but megatron_rl.checkpoint.rl cannot be "
+                          f"imported ({e}); fix: repair the install (pip install -e .), or set checkpoint.dir=null "
+                          "to run without checkpoints") from e
     save_rl_checkpoint(cfg.checkpoint.dir, step=step, model=eng.model, optimizer=eng.optimizer,
                        extra={"data": data.state_dict(), "reward_history": rewards}, keep=cfg.checkpoint.keep,
                        config=cfg)
@@ -193,8 +195,9 @@ def resume_state(cfg: Config, eng, *, data) -> tuple[int, list]:
         return 0, []
     try:
         from megatron_rl.checkpoint.rl import load_rl_checkpoint
-    except ImportError:
-        return 0, []
+    except ImportError as e:  # "no checkpoint" would silently restart from step 0
+        raise ImportError(f"checkpoint.resume=true but megatron_rl.checkpoint.rl cannot be imported ({e}); fix: "
+                          "repair the install (pip install -e .), or set checkpoint.resume=false to start fresh") from e
     got = load_rl_checkpoint(cfg.checkpoint.dir, model=eng.model, optimizer=eng.optimizer)
     if got is None:
         return 0, []

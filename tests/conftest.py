@@ -1,5 +1,5 @@
 """Shared fixtures. Test tiers (markers): unit (pure CPU, no processes), multirank (real
-processes over gloo via torchrun), gpu (CUDA only; skipped here)."""
+processes over gloo via torchrun), process (spawns plain OS processes), gpu (CUDA only; skipped here)."""
 import os
 import sys
 
@@ -13,6 +13,7 @@ sys.path.insert(0, os.path.join(REPO, "tests"))
 def pytest_configure(config):
     for name, doc in [("unit", "tier 1: pure CPU, no processes"),
                       ("multirank", "tier 2: real processes over gloo"),
+                      ("process", "tier 2: spawns OS processes without a process group (not unit)"),
                       ("gpu", "tier 3: needs CUDA"),
                       ("slow", "takes more than ~30 s")]:
         config.addinivalue_line("markers", f"{name}: {doc}")

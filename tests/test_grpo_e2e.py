@@ -12,6 +12,7 @@ from _launch import REPO, torchrun
 from megatron_rl.metrics import STEP_FIELDS, read_metrics
 
 pytestmark = [pytest.mark.multirank, pytest.mark.slow]
+TIS_CAP = 1.001  # just above 1: fp32's mismatch (< 1e-4) never reaches it, bf16's does (test_grpo_learns.py)
 
 
 def test_train_three_steps(tiny_models, tmp_path):
@@ -19,7 +20,7 @@ def test_train_three_steps(tiny_models, tmp_path):
     proc, _ = torchrun(os.path.join(REPO, "megatron_rl", "cli.py"), nproc=4, out_dir=str(tmp_path), timeout=900,
                        args=["train", "--config", "configs/tiny_cpu.yaml", "train.steps=3", "checkpoint.dir=null",
                              f"logging.run_dir={run}", f"model.hf_path={tiny_models['llama']}",
-                             "algorithm.kl_coef=0.05"])
+                             "algorithm.kl_coef=0.05", f"algorithm.tis_cap={TIS_CAP}"])
     rows = read_metrics(str(run / "metrics.jsonl"))
     assert [r["step"] for r in rows] == [0, 1, 2]
     for r in rows:
@@ -28,6 +29,7 @@ def test_train_three_steps(tiny_models, tmp_path):
         # vLLM sampled these tokens with weights synced from the trainer: same log-probs (fp32)
         assert r["mismatch/abs_max"] < 1e-4, r
         assert r["tis_weight_mean"] == pytest.approx(1.0, abs=1e-3)
+        assert r["tis_clip_frac"] == 0.0, r  # the negative control of tests/test_grpo_learns.py (bf16: > 0)
         assert r["mem/release_mib"] < r["mem/rollout_mib"], r  # releasing vLLM's memory shows in RSS
         assert 0.0 <= r["reward/mean"] <= 1.0 and r["response_len/mean"] > 0
         assert r["time/ref_s"] > 0 and r["mem/ref_mib"] > 0  # the reference's phase (KL on)

@@ -1,6 +1,8 @@
 """Tier 2: the trainer's GRPO step gives the same loss, statistics and updated weights at every
 training layout, on naive packing as on shared-prefix packing, and with the KL to a frozen,
-offloaded reference model (real megatron-core over gloo, 4 processes, one launch)."""
+offloaded reference model (real megatron-core over gloo, 4 processes, one launch). The batch and
+its rollout log-probs come from a real vLLM engine in bf16 while the trainer is fp32: truncated
+importance sampling reweights and caps real mismatch (and a tis_cap=null run shows it off)."""
 import os
 
 import pytest
@@ -10,8 +12,8 @@ from _launch import REPO, torchrun
 pytestmark = pytest.mark.multirank
 
 # (tp, pp, mini_batches[, variant]) on 4 ranks: DP fills the rest. Pairs with equal mini_batches must agree.
-LAYOUTS = ["2,2,1", "1,1,1", "2,1,2", "1,2,2", "2,1,2,naive", "2,2,1,kl"]
-KL_COEF = 0.1  # tests/workers/grpo_step.py
+LAYOUTS = ["2,2,1", "1,1,1", "2,1,2", "1,2,2", "2,1,2,naive", "2,2,1,kl", "1,1,1,notis"]
+KL_COEF, TIS_CAP = 0.1, 1.002  # tests/workers/grpo_step.py
 STATS = ("loss", "pg_loss", "clip_frac", "tis_weight_mean", "mismatch/abs_mean", "grad_norm")
 
 
@@ -24,13 +26,11 @@ def results(tiny_models, tmp_path_factory):
 
 
 def test_grpo_step_matches_across_layouts(results):
-    out = {spec: r["steps"] for spec, r in results[0].items()}
+    out = {spec: results[0][spec]["steps"] for spec in LAYOUTS}
     for spec in LAYOUTS:
         first, second = out[spec]
-        # the "rollout" log-probs are the trainer's own: no mismatch, TIS weights exactly 1
-        assert first["mismatch/abs_max"] < 1e-6 and first["tis_weight_mean"] == pytest.approx(1.0, abs=1e-6), spec
-        # one update later the same log-probs are stale: the mismatch metrics see it
-        assert second["mismatch/abs_mean"] > 1e-3 and second["mismatch/kl_k3"] > 0, (spec, second)
+        # one update later the rollout's log-probs are also stale: the mismatch grows
+        assert second["mismatch/abs_mean"] > first["mismatch/abs_mean"] and second["mismatch/kl_k3"] > 0, spec
     for a, b in [("2,2,1", "1,1,1"), ("2,1,2", "1,2,2")]:
         for step in range(2):  # step 1's loss depends on step 0's update: equal weights after it
             for key in STATS:
@@ -69,3 +69,24 @@ def test_kl_to_reference(results):
         # offload gives back the reference's parameter bytes, onload takes them again (this rank's RSS)
         assert 0.97 <= c["rss_drop"] / c["param_bytes"] <= 1.03, (rank, c)
         assert 0.97 <= c["rss_rise"] / c["param_bytes"] <= 1.03, (rank, c)
+
+
+def test_tis_acts_on_real_rollout_mismatch(results):
+    """vLLM bf16 vs trainer fp32 at the same weights: the mismatch is real, and the TIS weights and
+    capped share equal what the two log-prob tables give (computed in the worker, not by the loss).
+    Negative control: with algorithm.tis_cap=null every weight is 1 and nothing is capped."""
+    lengths = results[0]["rollout"]["lengths"]
+    assert len(lengths) == 16 and min(lengths) >= 1, lengths
+    for spec in LAYOUTS:
+        first, exp = results[0][spec]["steps"][0], results[0][spec]["expected_tis"]
+        assert exp["tokens"] == sum(lengths) and exp["abs_mean"] > 1e-3, (spec, exp)  # bf16 vs fp32: real mismatch
+        assert first["mismatch/abs_mean"] == pytest.approx(exp["abs_mean"], rel=1e-3), (spec, first, exp)
+        if spec.endswith("notis"):
+            assert first["tis_clip_frac"] == 0.0 and first["tis_weight_mean"] == 1.0, (spec, first)
+            continue
+        assert 0.0 < exp["capped_frac"] < 1.0, (spec, exp)  # the cap bites on some tokens, not all
+        assert first["tis_clip_frac"] == pytest.approx(exp["capped_frac"], abs=1.5 / exp["tokens"]), (spec, first, exp)
+        assert first["tis_weight_mean"] == pytest.approx(exp["weight_mean"], rel=1e-4), (spec, first, exp)
+        assert abs(first["tis_weight_mean"] - 1.0) > 1e-4, (spec, first)
+    capped, plain = (results[0][s]["steps"][0] for s in ("1,1,1", "1,1,1,notis"))
+    assert capped["pg_loss"] != pytest.approx(plain["pg_loss"], rel=1e-6), (capped, plain)  # TIS changes the loss

@@ -4,15 +4,18 @@ For a sweep of Megatron (t_m, p_m, dp) -> vLLM (t_v, replicas) layouts over ever
 family (GQA, kv replication, qkv bias, qk-norm, tied and untied, vocab 250):
 - running the plan on canonical tensors reproduces every vLLM shard exactly (padding zero);
 - every destination element is written exactly once;
-- bytes_moved == lower_bound, with the bound recomputed here from element masks;
+- the bytes the ops carry across ranks == bytes_moved == lower_bound == the bound computed
+  independently from element masks (tests/_bounds.py; a wasteful plan fails it: negative control);
 - no bucket makes a rank send or write more than bucket_bytes.
 """
+import dataclasses
 import itertools
 from collections import defaultdict
 
 import pytest
 import torch
 
+from _bounds import check_minimal, element_masks, plan_cross_rank_bytes, sync_lower_bound
 from megatron_rl.models.tiny import tiny_hf_config
 from megatron_rl.parallel.grid import LayoutError, RankGrid
 from megatron_rl.resharding.executor import checksum
@@ -56,31 +59,6 @@ def _cases():
                 yield family, tied, tm, pm, dp, tv
 
 
-def _held_masks(shape, src):
-    """rank -> canon -> bool mask of the canonical elements that rank holds (any dim)."""
-    masks = defaultdict(dict)
-    for rank, tensors in src.ranks.items():
-        for lt in tensors.values():
-            for b in lt.blocks:
-                m = masks[rank].setdefault(b.canon, torch.zeros(src.canon_shapes[b.canon], dtype=torch.bool))
-                m.narrow(lt.dim, b.canon_start, b.length).fill_(True)
-    return masks
-
-
-def _lower_bound(shape, src, dst, elem):
-    masks = _held_masks(shape, src)
-    total = 0
-    for rank, tensors in dst.ranks.items():
-        for lt in tensors.values():
-            for b in lt.blocks:
-                held = masks[rank].get(b.canon)
-                region = torch.ones(shape.canonical_shapes()[b.canon], dtype=torch.bool).narrow(lt.dim, b.canon_start, b.length)
-                if held is not None:
-                    region = region & ~held.narrow(lt.dim, b.canon_start, b.length)
-                total += int(region.sum()) * elem
-    return total
-
-
 def _run_in_memory(plan, src_local, dst):
     """Apply every op to zero-filled shards; count writes per element."""
     out = {r: {n: torch.zeros(lt.shape) for n, lt in t.items()} for r, t in dst.ranks.items()}
@@ -113,7 +91,7 @@ def test_plan_is_exact_minimal_and_bounded(family, tied, tm, pm, dp, tv):
             assert torch.equal(out[rank][name], want), (rank, name)
             covered = assemble(lt, lambda c, d, s, n: torch.ones_like(canon[c].narrow(d, s, n)), dtype=torch.float32)
             assert torch.equal(hits[rank][name].float(), covered), f"{name} on rank {rank}: not written exactly once"
-    assert plan.bytes_moved == plan.lower_bound == _lower_bound(shape, src, dst, 4)
+    assert check_minimal(plan, src, dst) == plan.lower_bound  # ops, plan count and the planner's bound
     for b in plan.buckets:
         sent, wrote = defaultdict(int), defaultdict(int)
         for op in b:
@@ -171,6 +149,30 @@ def test_dp_replicas_keep_local_and_spread_load():
     assert len(sent) == 4 and max(sent.values()) <= 1.25 * min(sent.values()), dict(sent)
 
 
+def test_minimality_check_fails_on_a_wasteful_plan_or_a_wrong_bound():
+    """Negative controls for check_minimal: a plan that fetches a piece it already holds locally
+    from a DP replica, and a bound computed for the wrong rank placement, must both fail it."""
+    shape = SWEEP_SHAPES[("llama", False)]
+    src = megatron_layout(shape, RankGrid(world_size=4, tp=2))  # TP2 x DP2: ranks r and r + 2 hold the same
+    dst = vllm_layout(shape, tp=4, world_size=4)
+    plan = make_plan(src, dst=dst, bucket_bytes=1 << 20, elem_size=4)
+    bound = check_minimal(plan, src, dst)
+    needed = sum(int(m.sum()) for canons in element_masks(dst).values() for m in canons.values()) * 4
+    assert 0 < bound < needed  # some pieces are local, some are not
+    k, i, op = next((k, i, op) for k, b in enumerate(plan.buckets) for i, op in enumerate(b) if op.local)
+    peer = (op.src_rank + 2) % 4  # the DP replica holds the same local tensor
+    assert op.src_name in plan.src_tensors[peer]
+    wasteful = dataclasses.replace(plan, buckets=[list(b) for b in plan.buckets])
+    wasteful.buckets[k][i] = dataclasses.replace(op, src_rank=peer)
+    assert plan_cross_rank_bytes(wasteful) == bound + op.nbytes
+    with pytest.raises(AssertionError, match="independent lower bound"):
+        check_minimal(wasteful, src, dst)
+    rotated = dataclasses.replace(src, ranks={(r + 1) % 4: t for r, t in src.ranks.items()})
+    assert sync_lower_bound(rotated, dst, elem_size=4) != bound
+    with pytest.raises(AssertionError, match="independent lower bound"):
+        check_minimal(plan, rotated, dst)
+
+
 def test_plan_is_cached_by_layout_content():
     shape = _shape("qwen3", False)
     a = make_plan(megatron_layout(shape, RankGrid(world_size=2, tp=2)), dst=vllm_layout(shape, tp=1, world_size=2),
@@ -211,7 +213,7 @@ def test_whole_tensor_destination_gathers_column_splits():
     src_local = {r: {n: assemble(lt, _read(canon)) for n, lt in t.items()} for r, t in src.ranks.items()}
     out, _ = _run_in_memory(plan, src_local, hf_layout(shape, rank=0))
     assert all(torch.equal(out[0][n], canon[n]) for n in canon)
-    assert plan.bytes_moved == plan.lower_bound
+    assert check_minimal(plan, src, hf_layout(shape, rank=0)) == plan.lower_bound > 0
 
 
 def test_checksum_is_bitwise_and_order_sensitive():

@@ -4,7 +4,9 @@ Each launch creates one vLLM engine (TP = t_v, replicas filling the world) and c
 Megatron (t_m, p_m) layouts against it. After every sync, each vLLM parameter on every rank
 (read back bitwise from vLLM's packed kernels) equals what vLLM holds after loading the HF
 checkpoint itself, and greedy generations are identical. The bytes that crossed ranks,
-summed over ranks, equal the plan's bytes_moved, which equals the lower bound.
+summed over ranks, equal the plan's bytes_moved and lower bound, and a bound computed independently
+from element masks (tests/_bounds.py). One case per vLLM launch (":p2p") syncs through TorchP2P
+without gloo coalescing, the per-slice message path NCCL takes, and must be just as exact.
 
 Three launches (a launch with vLLM costs tens of seconds on 2 cores), each shared by the tests
 that read it: world 8 (qwen2, t_v=4 x 2 replicas, dummy start, four Megatron layouts), world 4
@@ -39,8 +41,9 @@ def _launch(tmp_path, script, nproc, args, timeout=900):
     return res
 
 
-Q2_TV4_CASES = ["2x2", "1x2", "2x1", "1x1"]
-Q3_TV2_CASES = ["4x1", "2x2", "1x1"]
+# ":p2p": the same sync through TorchP2P(coalesce=False), one message per slice (the NCCL path), over gloo.
+Q2_TV4_CASES = ["2x2", "1x2", "2x1", "1x1", "2x2:p2p"]
+Q3_TV2_CASES = ["4x1", "2x2", "1x1", "4x1:p2p"]
 FAULT_TIMEOUT = 4.0
 
 
@@ -70,11 +73,13 @@ def _check_exact(res, cases):
             assert c["mismatched"] == [], f"{where}: not bitwise equal to vLLM's own load: {c['mismatched']}"
             assert c["gen_equal"], f"{where}: greedy generations differ"
             assert len(c["delivered"]) == c["names"], f"{where}: {len(c['delivered'])} of {c['names']} params delivered"
-            assert c["bytes_moved"] == c["lower_bound"], where
+            # the independent bound (tests/_bounds.py, element masks) == what the ops carry == the plan's figures
+            assert c["bytes_moved"] == c["lower_bound"] == c["bound"] == c["carried"], (where, c)
+            assert c["coalesced"] is (not c["case"].endswith(":p2p")), (where, c["coalesced"])
             assert c["verified"] > 0
     for i, case in enumerate(cases):
         per_rank = [r["cases"][i] for r in res]
-        moved = per_rank[0]["bytes_moved"]
+        moved = per_rank[0]["bound"]
         assert sum(c["sent"] for c in per_rank) == moved, f"{case}: measured bytes sent != plan ({moved})"
         assert sum(c["received"] for c in per_rank) == moved, f"{case}: measured bytes received != plan"
     return world
@@ -117,10 +122,10 @@ def test_sweep_then_stalled_rank_times_out(q3_tv2_then_fault):
     assert all(len(r["sweep"]) == 9 for r in res)
     for r in res:
         for s in r["sweep"]:
-            assert s["mismatched"] == [] and s["bytes_moved"] == s["lower_bound"], s
+            assert s["mismatched"] == [] and s["bytes_moved"] == s["lower_bound"] == s["bound"], s
             assert s["calls"] == ["begin", "end"]
     for i in range(len(res[0]["sweep"])):
-        assert sum(r["sweep"][i]["sent"] for r in res) == res[0]["sweep"][i]["bytes_moved"]
+        assert sum(r["sweep"][i]["sent"] for r in res) == res[0]["sweep"][i]["bound"]
     assert res[3].get("victim")
     survivors = [r["fault"] for r in res[:3]]
     for f in survivors:

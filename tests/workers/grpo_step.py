@@ -1,16 +1,23 @@
 """Worker: the trainer's GRPO step (``megatron_rl.trainer.train_step``: GRPOLoss on packed groups
 through megatron-core) at several layouts in one launch.
 
+First, before any layout, a real vLLM engine (``ROLLOUT_DTYPE`` = bf16, TP1 x 4 replicas) samples
+the responses of fixed prompts with its own log-probs: the rollout batch, as in the trainer. The
+trainer runs fp32, so the two disagree (bf16 logits) and truncated importance sampling acts: with
+``algorithm.tis_cap=TIS_CAP`` the weights ``min(exp(old - rollout), cap)`` are not all 1 and some
+hit the cap. Each layout reports, next to its steps, the TIS figures expected from its own fp32
+log-probs of the batch at the initial weights (independent of the loss code).
+
 For each layout ``tp,pp,mini_batches[,variant]`` the rank builds the engine from the same tiny HF
-model, takes the trainer's own log-probs of a fixed batch as the "rollout" log-probs (so the
-mismatch must be 0), and runs two GRPO steps. Variants: ``naive`` trains with
-``train.shared_prefix=false`` (every response its own ``[P, R_i]`` sequence); ``kl`` adds the KL
+model and runs two GRPO steps on that batch. Variants: ``naive`` trains with
+``train.shared_prefix=false`` (every response its own ``[P, R_i]`` sequence); ``notis`` sets
+``algorithm.tis_cap=null`` (the negative control: no weight, nothing capped); ``kl`` adds the KL
 to the frozen reference model (``algorithm.kl_coef=KL_COEF``) and also reports, per rank, the
 reference's log-probs against the policy's at step 0, the reference's parameter bytes, RSS
 around an offload and an onload, and whether log-probs after offload + onload are bitwise the
 same. Rank 0 writes every step's metrics per layout; the test compares layouts that must agree.
 
-    torchrun --nproc-per-node 4 tests/workers/grpo_step.py MODEL_PATH 2,2,1 1,1,1 2,1,2 1,2,2 2,2,1,kl
+    torchrun --nproc-per-node 4 tests/workers/grpo_step.py MODEL_PATH 2,2,1 1,1,1 2,1,2 1,2,2 2,2,1,kl 1,1,1,notis
 """
 import os
 import sys
@@ -24,24 +31,49 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _launch import write_result  # noqa: E402
 
 from megatron_rl.algorithms import group_advantages  # noqa: E402
-from megatron_rl.algorithms.grpo import RolloutBatch, make_groups  # noqa: E402
+from megatron_rl.algorithms.grpo import make_groups  # noqa: E402
 from megatron_rl.config import load_config  # noqa: E402
 
 N, G = 4, 4  # prompts per step (divisible by dp x mini_batches for every layout below), samples each
 KL_COEF = 0.1
+ROLLOUT_DTYPE = "bfloat16"  # vLLM; the trainer stays fp32
+TIS_CAP = 1.002  # bf16 vs fp32 here: |dlogp| mean ~2.3e-3, max ~8e-3, so the cap bites on some tokens
+MAX_NEW = 8
 
 
-def fixed_batch() -> tuple:
+def _rollout_cfg(path: str):
+    return load_config(overrides=[f"model.hf_path={path}", "parallel.backend=gloo", "rollout.tp=1",
+                                  f"rollout.kv_cache_bytes={16 << 20}", "rollout.max_model_len=128",
+                                  f"rollout.max_new_tokens={MAX_NEW}", f"algorithm.group_size={G}",
+                                  f"logging.run_dir={os.path.join(os.environ['OUT_DIR'], 'rollout')}"])
+
+
+def vllm_batch(path: str) -> tuple:
+    """(batch, advantages): vLLM samples G responses of N fixed prompts, with its log-probs
+    (``trainer.generate``: every rank gets the whole batch); rewards are fixed random numbers."""
+    from megatron_rl import trainer
+    from megatron_rl.parallel import destroy_distributed, init_distributed
+    from megatron_rl.rollout.vllm_engine import VllmEngine
+
     g = torch.Generator().manual_seed(0)
-
-    def ids(lo, hi):
-        return torch.randint(3, 90, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()
-
-    prompts = [ids(3, 8) for _ in range(N)]
-    resp = [[ids(1, 9) for _ in range(G)] for _ in range(N)]
+    prompts = [torch.randint(3, 90, (int(torch.randint(3, 8, (1,), generator=g)),), generator=g).tolist()
+               for _ in range(N)]
     rewards = torch.rand(N * G, generator=g)
-    return RolloutBatch(rows=[], prompt_ids=prompts, response_ids=resp, logprobs=[]), group_advantages(
-        rewards, group_size=G)
+    cfg = _rollout_cfg(path)
+    init_distributed(cfg.parallel)  # vLLM finds the world and megatron's state set up, as in the trainer
+    engine = VllmEngine(path, cfg=cfg.rollout, run_dir=cfg.logging.run_dir, dtype=ROLLOUT_DTYPE)
+    batch = trainer.generate(engine, cfg, prompt_ids=prompts, step=0)
+    destroy_distributed(keep_process_group=True)
+    return batch, group_advantages(rewards, group_size=G)
+
+
+def expected_tis(trainer_logp: list, rollout_logp: list, cap: float) -> dict:
+    """Token-mean TIS figures at the initial weights, from the two log-prob tables (N x G lists)."""
+    old = torch.tensor([x for grp in trainer_logp for resp in grp for x in resp], dtype=torch.float64)
+    roll = torch.tensor([x for grp in rollout_logp for resp in grp for x in resp], dtype=torch.float64)
+    ratio = torch.exp(old - roll)
+    return {"tokens": old.numel(), "abs_mean": float((old - roll).abs().mean()),
+            "weight_mean": float(ratio.clamp(max=cap).mean()), "capped_frac": float((ratio >= cap).double().mean())}
 
 
 def own_logprobs(model, batch, adv) -> list:
@@ -81,7 +113,7 @@ def reference_checks(ref, policy_logp: list, batch, adv) -> dict:
             "param_bytes": ref.param_bytes, "rss_drop": rss_on - rss_off, "rss_rise": rss_back - rss_off}
 
 
-def run_layout(path: str, hf, spec: str) -> dict:
+def run_layout(path: str, hf, spec: str, batch, adv) -> dict:
     from megatron_rl import trainer
     from megatron_rl.attention import SharedPrefixCoreAttention, enable_shared_prefix
     from megatron_rl.parallel import destroy_distributed, init_distributed
@@ -89,11 +121,12 @@ def run_layout(path: str, hf, spec: str) -> dict:
 
     start = time.perf_counter()
     tp, pp, mini, *variant = spec.split(",")
-    extra = {"naive": ["train.shared_prefix=false"], "kl": [f"algorithm.kl_coef={KL_COEF}"]}.get(
-        variant[0] if variant else "", [])
+    extra = {"naive": ["train.shared_prefix=false"], "kl": [f"algorithm.kl_coef={KL_COEF}"],
+             "notis": ["algorithm.tis_cap=null"]}.get(variant[0] if variant else "", [])
     cfg = load_config(overrides=[f"parallel.tp={tp}", f"parallel.pp={pp}", "parallel.backend=gloo",
                                  f"model.hf_path={path}", f"algorithm.group_size={G}", f"data.prompts_per_step={N}",
                                  f"algorithm.mini_batches={mini}", "train.micro_batch_groups=1", "train.lr=1e-3",
+                                 f"algorithm.tis_cap={TIS_CAP}", f"rollout.max_new_tokens={MAX_NEW}",
                                  f"logging.run_dir={os.path.join(os.environ['OUT_DIR'], 'run')}", *extra])
     cfg.validate(world_size=dist.get_world_size(), hf_config=hf)
     trainer.check_supported(cfg)
@@ -102,14 +135,15 @@ def run_layout(path: str, hf, spec: str) -> dict:
                       core_attention=SharedPrefixCoreAttention)
     enable_shared_prefix(eng.model)
     ref = trainer.make_reference(cfg, hf_config=hf)
-    batch, adv = fixed_batch()
-    batch.logprobs = own_logprobs(eng, batch, adv)
-    checks = reference_checks(ref, batch.logprobs, batch, adv) if ref is not None else None
+    mine = own_logprobs(eng, batch, adv)  # fp32, initial weights: the trainer's side of the mismatch
+    expected = expected_tis(mine, batch.logprobs, TIS_CAP)
+    checks = reference_checks(ref, mine, batch, adv) if ref is not None else None
     phases = []
     steps = [trainer.train_step(eng, cfg, batch, adv, lr=1e-3, ref=ref, phase=lambda name: _record(phases, name))
              for _ in range(2)]
     destroy_distributed(keep_process_group=True)
-    return {"steps": steps, "checks": checks, "phases": phases, "seconds": time.perf_counter() - start}
+    return {"steps": steps, "checks": checks, "phases": phases, "expected_tis": expected,
+            "seconds": time.perf_counter() - start}
 
 
 def _record(log: list, name: str):
@@ -125,9 +159,10 @@ def main():
     path, layouts = sys.argv[1], sys.argv[2:]
     hf = AutoConfig.from_pretrained(path)
     dist.init_process_group("gloo")
-    results = {}
+    batch, adv = vllm_batch(path)
+    results = {"rollout": {"logprobs": batch.logprobs, "lengths": batch.flat_lengths()}}
     for spec in layouts:
-        results[spec] = run_layout(path, hf, spec)
+        results[spec] = run_layout(path, hf, spec, batch, adv)
     write_result(results)
     dist.destroy_process_group()
 

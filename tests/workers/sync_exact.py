@@ -4,7 +4,8 @@ One production rollout engine (VllmEngine: TP = --tv, replicas fill the world) p
 Megatron layouts are rebuilt per case. The reference is what vLLM itself holds after loading
 the HF checkpoint: read back (bitwise, kernel format) right after start-up, or, with --dummy,
 after vLLM's own checkpoint-format reload following the first sync. Before every case the engine's weights
-are overwritten with noise, so a sync that skips anything fails. With --sweep-cases the same launch
+are overwritten with noise, so a sync that skips anything fails. A case ``TMxPM:p2p`` syncs through
+TorchP2P without gloo coalescing (one message per slice: the NCCL path), bitwise like the rest. With --sweep-cases the same launch
 then runs sync_fault.py's sweep into a recording receiver (no vLLM involved) and, with --victim,
 its dead-rank fault last (it ends the processes).
 
@@ -22,10 +23,12 @@ import sync_common as C  # noqa: E402
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from _bounds import plan_cross_rank_bytes, sync_lower_bound  # noqa: E402
 from _launch import write_result  # noqa: E402
 
 from megatron_rl.resharding.layout import ModelShape, assemble, megatron_layout  # noqa: E402
 from megatron_rl.resharding.sync import WeightSync  # noqa: E402
+from megatron_rl.resharding.transport import TorchP2P  # noqa: E402
 from megatron_rl.resharding.vllm_layout import vllm_layout  # noqa: E402
 
 
@@ -36,16 +39,29 @@ def layout_vs_vllm(shape, hf, ref, *, tv, world, rank):
     return C.diff_shards(ref, want)
 
 
-def run_case(path, hf_config, shape, recv, *, tm, pm, tv, bucket, seed):
+def parse_case(case: str) -> tuple:
+    """"TMxPM" (the default transport: coalesced per peer over gloo) or "TMxPM:p2p" (TorchP2P with
+    coalesce=False: one message per slice, the path NCCL takes) -> (tm, pm, coalesce or None)."""
+    layout, _, transport = case.partition(":")
+    if transport not in ("", "p2p"):
+        raise ValueError(f"case {case!r}: transport suffix must be ':p2p' or nothing")
+    tm, pm = (int(x) for x in layout.split("x"))
+    return tm, pm, (False if transport == "p2p" else None)
+
+
+def run_case(path, hf_config, shape, recv, *, case, tv, bucket, seed):
     world, rank = dist.get_world_size(), dist.get_rank()
+    tm, pm, coalesce = parse_case(case)
     chunks, grid = C.build_megatron(path, tp=tm, pp=pm, hf_config=hf_config)
     recv.scramble(seed)
-    ws = WeightSync(chunks, recv, src_layout=megatron_layout(shape, grid),
-                    dst_layout=vllm_layout(shape, tp=tv, world_size=world), bucket_bytes=bucket, timeout=60, verify=True)
+    src, dst = megatron_layout(shape, grid), vllm_layout(shape, tp=tv, world_size=world)
+    ws = WeightSync(chunks, recv, src_layout=src, dst_layout=dst, bucket_bytes=bucket, timeout=60, verify=True,
+                    transport=TorchP2P(timeout=60, coalesce=coalesce))
     t0 = time.perf_counter()
     stats = ws.sync()
     seconds = time.perf_counter() - t0
-    return dict(case=f"{tm}x{pm}", bytes_moved=ws.plan.bytes_moved, lower_bound=ws.plan.lower_bound,
+    return dict(case=case, coalesced=ws.transport.coalesce, bytes_moved=ws.plan.bytes_moved,
+                lower_bound=ws.plan.lower_bound, bound=sync_lower_bound(src, dst, elem_size=ws.plan.elem_size), carried=plan_cross_rank_bytes(ws.plan),
                 sent=stats.bytes_sent, received=stats.bytes_received, local=stats.bytes_local,
                 buckets=len(ws.plan.buckets), peak_extra=stats.peak_extra_bytes, seconds=seconds,
                 verified=ws.verify(), delivered=sorted(recv.received), rank=rank)
@@ -71,8 +87,9 @@ def main():
     hf_config = AutoConfig.from_pretrained(path)
     shape = ModelShape.from_hf_config(hf_config)
     hf = C.hf_tensors(path)
-    cases = [tuple(int(x) for x in c.split("x")) for c in args.cases.split(",")]
-    C.build_megatron(path, tp=cases[0][0], pp=cases[0][1], hf_config=hf_config)  # megatron before vLLM
+    cases = args.cases.split(",")
+    tm, pm, _ = parse_case(cases[0])
+    C.build_megatron(path, tp=tm, pp=pm, hf_config=hf_config)  # megatron before vLLM
     world, rank = dist.get_world_size(), dist.get_rank()
     t_llm = time.perf_counter()
     engine = C.make_engine(path, tp=args.tv, dummy=args.dummy, run_dir=os.environ["OUT_DIR"])
@@ -82,8 +99,8 @@ def main():
                t_setup=t_llm - t_start, t_llm=time.perf_counter() - t_llm)
     if not args.dummy:
         ref, ref_gen = recv.weights.read_shards(), C.greedy(llm)
-    for i, (tm, pm) in enumerate(cases):
-        res = run_case(path, hf_config, shape, recv, tm=tm, pm=pm, tv=args.tv, bucket=args.bucket, seed=i)
+    for i, case in enumerate(cases):
+        res = run_case(path, hf_config, shape, recv, case=case, tv=args.tv, bucket=args.bucket, seed=i)
         got, gen = recv.weights.read_shards(), C.greedy(llm)
         if args.dummy and i == 0:  # reference: vLLM's own checkpoint-format load of the HF tensors
             engine.update_weights(hf.items())  # vLLM layerwise reload + prefix-cache reset

@@ -21,6 +21,7 @@ import sync_common as C  # noqa: E402
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from _bounds import sync_lower_bound  # noqa: E402
 from _launch import write_result  # noqa: E402
 
 from megatron_rl.resharding.layout import ModelShape, assemble, megatron_layout  # noqa: E402
@@ -67,11 +68,12 @@ def sweep(path, hf_config, hf, *, cases, tvs) -> tuple:
             want = {n: assemble(lt, lambda c, d, s, k: hf[c].narrow(d, s, k), dtype=torch.float32)
                     for n, lt in dst.ranks[rank].items()}
             rec = Recorder({n: lt.shape for n, lt in dst.ranks[rank].items()})
-            ws = WeightSync(chunks, rec, src_layout=megatron_layout(shape, grid), dst_layout=dst, bucket_bytes=16 << 10,
-                            verify=True)
+            src = megatron_layout(shape, grid)
+            ws = WeightSync(chunks, rec, src_layout=src, dst_layout=dst, bucket_bytes=16 << 10, verify=True)
             st = ws.sync()
             records.append(dict(case=case, tv=tv, mismatched=C.diff_shards(rec.got, want), sent=st.bytes_sent,
                                 bytes_moved=ws.plan.bytes_moved, lower_bound=ws.plan.lower_bound,
+                                bound=sync_lower_bound(src, dst, elem_size=ws.plan.elem_size),
                                 calls=rec.calls, peak_extra=st.peak_extra_bytes, buckets=len(ws.plan.buckets)))
     return records, built
 
