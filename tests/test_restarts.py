@@ -25,13 +25,14 @@ from _launch import REPO, free_port
 from megatron_rl.metrics import read_metrics, resource_usage
 from megatron_rl.runtime import records
 from megatron_rl.runtime.rank import FAULT_ENV, RankRuntime
-from megatron_rl.runtime.report import restart_line
+from megatron_rl.runtime.report import format_report, restart_line
 from megatron_rl.runtime.resources import ENV as SAMPLE_ENV, resource_metrics
 
 sys.path.insert(0, os.path.join(REPO, "tests", "workers"))
 from launch_hosts import kill_tree  # noqa: E402
 
 LAUNCH = os.path.join(REPO, "launch", "torchrun.sh")
+LAUNCH_TIMEOUT_S = 600  # per launch; idle 2 cores: see the wall times this test prints
 # every per-step number that does not measure time or memory
 COMPARED = ("reward/mean", "reward/std", "reward/min", "reward/max", "response_len/mean", "loss", "pg_loss",
             "grad_norm", "lr", "clip_frac", "tis_weight_mean", "mismatch/abs_mean", "mismatch/abs_max",
@@ -67,6 +68,10 @@ def test_restart_archives_records_and_names_the_dead_rank(tmp_path, monkeypatch)
     assert line.startswith("[restart] restart 1 of 1: rank 1 (host ") and "phase 'train' at step 3" in line, line
     assert line.endswith("resumed from the checkpoint of step 1, next step 2"), line
     assert restart_line(run, attempt=1, max_restarts="1", resumed=0).endswith("started again at step 0")
+    # should the restarted attempt fail too, the failure report also names the earlier attempt
+    report = format_report(run, exit_code=1)
+    assert "earlier attempt 0 (then restarted): rank 1 died without a Python exception" in report, report
+    assert "phase 'train' at step 3" in report and "earlier attempt 1" not in report, report
     # negative control: a raise beats a vanished rank, and no records at all says so
     records.write_json(records.failure_path(run, 3), {"rank": 3, "kind": "exception", "time": 1.0, "phase": "sync",
                                                       "error": "RuntimeError: x", "step": 4})
@@ -146,8 +151,11 @@ def _launch(tmp_path, name, overrides, *, timeout, **env):
                                 stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            rc = None
         finally:
             kill_tree(proc.pid)
+    assert rc is not None, f"{name}: timed out after {timeout} s:\n{(tmp_path / f'{name}.log').read_text()[-4000:]}"
     took = time.monotonic() - t0
     print(f"[{name}] exit {rc} in {took:.1f} s")
     return rc, (tmp_path / f"{name}.log").read_text(), took
@@ -159,7 +167,7 @@ def test_a_killed_rank_restarts_and_resumes_bitwise(tiny_models, tmp_path):
     common = [f"model.hf_path={tiny_models['llama']}", "train.steps=6", "algorithm.group_size=4",
               "data.prompts_per_step=2", "rollout.max_new_tokens=8", "checkpoint.save_every=2", "checkpoint.keep=2",
               "logging.progress=false", "logging.phase_table=false"]
-    rc, text, took = _launch(tmp_path, "killed", common, timeout=240, MAX_RESTARTS=1, **{FAULT_ENV: "3:train:1"})
+    rc, text, took = _launch(tmp_path, "killed", common, timeout=LAUNCH_TIMEOUT_S, MAX_RESTARTS=1, **{FAULT_ENV: "3:train:1"})
     assert rc == 0, text[-4000:]
     run = tmp_path / "killed"
     # the kill happened where asked: rank 1 of attempt 0 never left "train" of step 3
@@ -175,7 +183,7 @@ def test_a_killed_rank_restarts_and_resumes_bitwise(tiny_models, tmp_path):
     got = {r["step"]: r for r in read_metrics(str(run / "metrics.jsonl"))}
     assert sorted(got) == list(range(6)), sorted(got)  # each step once: the resumed run replaced 2..
 
-    rc, text, took_clean = _launch(tmp_path, "clean", common, timeout=240)
+    rc, text, took_clean = _launch(tmp_path, "clean", common, timeout=LAUNCH_TIMEOUT_S)
     assert rc == 0 and "[restart]" not in text, text[-4000:]
     assert not os.path.isdir(tmp_path / "clean" / "runtime" / "attempt0")
     ref = {r["step"]: r for r in read_metrics(str(tmp_path / "clean" / "metrics.jsonl"))}
