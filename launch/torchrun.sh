@@ -35,6 +35,10 @@ LOCAL_ADDR=${LOCAL_ADDR:-}              # this node's address for the other node
 case "$MAX_RESTARTS" in ''|*[!0-9]*)
   echo "launch error: MAX_RESTARTS=$MAX_RESTARTS must be a non-negative integer; fix: e.g. MAX_RESTARTS=1" >&2; exit 2 ;;
 esac
+# torchrun keeps one rendezvous TCPStore across restarts and the restarted ranks read it without a
+# per-attempt prefix: gloo would then find the dead attempt's addresses ("Connection refused").
+# A fresh store per attempt (hosted by rank 0) avoids that.
+if [ "$MAX_RESTARTS" -gt 0 ]; then export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}; fi
 overrides=("$@")
 if [ -n "${RUN_DIR:-}" ]; then overrides+=("logging.run_dir=$RUN_DIR"); fi
 case "$JOB" in *.py) entry=("$JOB") ;; *) entry=(-m megatron_rl.cli "$JOB") ;; esac
