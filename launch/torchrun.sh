@@ -11,6 +11,8 @@
 # CONFIG, an unreachable MASTER_ADDR (after RDZV_TIMEOUT s). After a failure the first failing
 # rank, its host, phase and error are printed once, in a block headed FIRST FAILURE.
 # Every rank's stdout/stderr is kept under $RUN_DIR/logs (RUN_DIR: logging.run_dir of the config).
+# MAX_RESTARTS=N: when a rank dies, torchrun restarts all ranks up to N times; the trainer resumes
+# from the newest complete checkpoint and rank 0 logs one "[restart]" line (default 0: fail at once).
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # shellcheck source=launch/env.sh
@@ -28,7 +30,15 @@ RDZV_ID=${RDZV_ID:-megatron_rl}         # must be the same on every node of one 
 RDZV_TIMEOUT=${RDZV_TIMEOUT:-120}       # s to wait for MASTER_ADDR and for all nodes to join
 MONITOR_INTERVAL=${MONITOR_INTERVAL:-0.5}  # s between torchrun's checks of its ranks
 SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-15}   # s between SIGTERM and SIGKILL when stopping ranks
+MAX_RESTARTS=${MAX_RESTARTS:-0}         # times torchrun restarts every rank after one fails
 LOCAL_ADDR=${LOCAL_ADDR:-}              # this node's address for the other nodes (default: its FQDN)
+case "$MAX_RESTARTS" in ''|*[!0-9]*)
+  echo "launch error: MAX_RESTARTS=$MAX_RESTARTS must be a non-negative integer; fix: e.g. MAX_RESTARTS=1" >&2; exit 2 ;;
+esac
+# torchrun keeps one rendezvous TCPStore across restarts and the restarted ranks read it without a
+# per-attempt prefix: gloo would then find the dead attempt's addresses ("Connection refused").
+# A fresh store per attempt (hosted by rank 0) avoids that.
+if [ "$MAX_RESTARTS" -gt 0 ]; then export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}; fi
 overrides=("$@")
 if [ -n "${RUN_DIR:-}" ]; then overrides+=("logging.run_dir=$RUN_DIR"); fi
 case "$JOB" in *.py) entry=("$JOB") ;; *) entry=(-m megatron_rl.cli "$JOB") ;; esac
@@ -46,7 +56,7 @@ rc=0
 torchrun --nnodes "$NNODES" --nproc-per-node "$NPROC_PER_NODE" --rdzv-backend c10d \
   --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-id "$RDZV_ID" \
   --rdzv-conf "join_timeout=$RDZV_TIMEOUT,read_timeout=$RDZV_TIMEOUT,is_host=$IS_HOST" \
-  --max-restarts 0 --monitor-interval "$MONITOR_INTERVAL" --shutdown-timeout "$SHUTDOWN_TIMEOUT" \
+  --max-restarts "$MAX_RESTARTS" --monitor-interval "$MONITOR_INTERVAL" --shutdown-timeout "$SHUTDOWN_TIMEOUT" \
   --log-dir "$RUN_DIR/logs/node${NODE_RANK:-$(hostname)}" --tee 3 --local-ranks-filter 0 \
   ${LOCAL_ADDR:+--local-addr "$LOCAL_ADDR"} "${entry[@]}" --config "$CONFIG" "${overrides[@]}" || rc=$?
 if [ "$rc" -ne 0 ]; then

@@ -41,6 +41,7 @@ from megatron_rl.metrics import (MetricsLogger, PhaseTimer, ascii_curve, length_
                                  quiet_other_ranks, reward_gain, reward_stats)
 from megatron_rl.resharding.layout import uses_te_names
 from megatron_rl.rewards import compute_rewards, get_reward
+from megatron_rl.runtime.resources import resource_metrics
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -206,6 +207,18 @@ def resume_state(cfg: Config, eng, *, data) -> tuple[int, list]:
     return step + 1, list(extra.get("reward_history", []))
 
 
+def log_restart(cfg: Config, *, rank: int, start: int) -> None:
+    """After a torchrun restart (MAX_RESTARTS), rank 0 logs one line: the restart, the rank that
+    died in the previous attempt (from its records) and the step this attempt resumes from."""
+    from megatron_rl.runtime.rank import restart_count
+    from megatron_rl.runtime.report import restart_line
+
+    attempt = restart_count()
+    if attempt > 0 and rank == 0:
+        print(restart_line(cfg.logging.run_dir, attempt=attempt, resumed=start,
+                           max_restarts=os.environ.get("TORCHELASTIC_MAX_RESTARTS", "?")), file=sys.stderr, flush=True)
+
+
 # ---------------------------------------------------------------------------------------------
 # The loop.
 
@@ -289,6 +302,7 @@ def train(cfg: Config, *, hf_config, rt=None) -> dict:
         job = setup(cfg, hf_config=hf_config)
         rollout, sync, eng, a, t, L = job.rollout, job.sync, job.eng, cfg.algorithm, cfg.train, cfg.logging
         start, history = resume_state(cfg, eng, data=job.data)
+    log_restart(cfg, rank=job.rank, start=start)
     with rt.phase("sync"):
         sync.sync()  # vLLM starts from exactly the trainer's weights (fresh or resumed)
     log = MetricsLogger(L.run_dir, rank=job.rank, total_steps=t.steps, start_step=start, jsonl=L.jsonl,
@@ -296,6 +310,7 @@ def train(cfg: Config, *, hf_config, rt=None) -> dict:
     timer = _Phases(PhaseTimer(device=torch.device("cuda", torch.cuda.current_device())
                                if torch.cuda.is_available() else None), rt)
     for step in range(start, t.steps):
+        rt.step = step  # kept in this rank's records: a restart names the step a rank died in
         rows = job.data.next_batch(cfg.data.prompts_per_step)
         with timer.phase("rollout"):
             batch = generate(rollout, cfg, prompt_ids=[job.tokenizer(r["prompt"]).input_ids for r in rows], step=step)
@@ -317,7 +332,7 @@ def train(cfg: Config, *, hf_config, rt=None) -> dict:
             rollout.resume(("kv_cache",))
         metrics = {**reward_stats(rewards, group_size=a.group_size),
                    **length_stats(batch.flat_lengths(), max_new_tokens=cfg.rollout.max_new_tokens),
-                   **out, **timer.step_metrics()}
+                   **out, **timer.step_metrics(), **resource_metrics()}
         history.append(metrics["reward/mean"])
         if step % L.log_every == 0 or step == t.steps - 1:
             log.log(step, metrics)
@@ -362,6 +377,8 @@ class _Phases:
 
 class _NoRuntime:
     """Stand-in when train() runs outside run_rank (tests calling it in-process)."""
+
+    step = None
 
     @contextlib.contextmanager
     def phase(self, name: str, *, timeout_s=None):

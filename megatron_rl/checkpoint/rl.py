@@ -19,7 +19,7 @@ Only the ``keep`` newest complete checkpoints are kept.
 
 Fault hook for tests: ``MEGATRON_RL_CKPT_FAULT=<step>`` makes rank 0 SIGKILL its whole process
 group (torchrun and every worker) in the save of that step, after the model and optimizer
-shards are on disk and before ``COMPLETE``.
+shards are on disk and before ``COMPLETE`` (in the first attempt only: never after a torchrun restart).
 
 Usage (every rank, collective)::
 
@@ -160,8 +160,10 @@ def _all_ok(ok: bool, *, what: str) -> None:
 
 def _maybe_fault(step: int, rank: int) -> None:
     """Test hook: SIGKILL the whole local job (every worker's process group, then the launcher)."""
+    from megatron_rl.runtime.rank import restart_count
+
     want = os.environ.get(FAULT_ENV)
-    if want is None or int(want) != step or rank != 0:
+    if want is None or int(want) != step or rank != 0 or restart_count() > 0:
         return
     time.sleep(0.2)  # the other ranks are writing their RNG files meanwhile
     launcher, me = os.getppid(), os.getpid()

@@ -41,10 +41,18 @@ import time
 import traceback
 from typing import Callable, Optional
 
-from megatron_rl.runtime.records import classify, failure_path, status_path, write_json
+from megatron_rl.runtime.records import archive_attempt, classify, failure_path, status_path, write_json
 
 EXIT_FAILED = 1
 EXIT_HANG = 3
+# Test hook: "<step>:<phase>:<rank>" makes that rank SIGKILL itself on entering that phase of
+# that step (the step the job set in ``rt.step``), in the first attempt only (torchrun restarts).
+FAULT_ENV = "MEGATRON_RL_RANK_FAULT"
+
+
+def restart_count() -> int:
+    """How often torchrun restarted this job's ranks before this attempt (0: the first attempt)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
 
 
 def _log_files() -> dict:
@@ -73,12 +81,15 @@ class RankRuntime:
         self._stop = threading.Event()
         self._wake_r = self._wake_w = None
         self._thread: Optional[threading.Thread] = None
+        self.attempt = restart_count()
+        self.step: Optional[int] = None  # the job's current step (set by the job), kept in the records
 
     # -- records ---------------------------------------------------------------------------
     def _status(self, state: str, **extra) -> None:
         rec = {"rank": self.rank, "world_size": self.world_size, "host": self.host, "pid": os.getpid(),
                "local_rank": int(os.environ.get("LOCAL_RANK", 0)), "phase": self._phase,
-               "phase_started": self._phase_start, "state": state, "time": time.time(), "logs": _log_files()}
+               "phase_started": self._phase_start, "state": state, "time": time.time(), "logs": _log_files(),
+               "attempt": self.attempt, "step": self.step}
         rec.update(extra)
         write_json(status_path(self.run_dir, self.rank), rec)
 
@@ -87,7 +98,7 @@ class RankRuntime:
         kind = kind or classify(exc)
         first_line = (str(exc).strip().splitlines() or [""])[0][:500]
         rec = {"rank": self.rank, "host": self.host, "pid": os.getpid(), "phase": self._phase, "kind": kind,
-               "error": f"{type(exc).__name__}: {first_line}", "time": time.time(),
+               "error": f"{type(exc).__name__}: {first_line}", "time": time.time(), "step": self.step,
                "in_phase_s": round(time.time() - self._phase_start, 3),
                "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))[-8000:]}
         with self._lock:
@@ -100,7 +111,10 @@ class RankRuntime:
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> "RankRuntime":
-        """Write the first status record, and start the watchdog and the signal hook."""
+        """Write the first status record, and start the watchdog and the signal hook. After a
+        restart, this rank's records of the previous attempt move to ``runtime/attempt<k>/`` first."""
+        if self.attempt > 0:
+            archive_attempt(self.run_dir, self.rank, attempt=self.attempt - 1)
         self._status("running")
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
@@ -162,12 +176,21 @@ class RankRuntime:
         self._phase, self._phase_start = name, time.time()
         self._deadline = time.monotonic() + self._phase_timeout
         self._status("running")
+        self._maybe_fault(name)
         try:
             yield self
         except BaseException as exc:
             self.record_failure(exc)
             raise
         self._phase, self._phase_start, self._deadline, self._phase_timeout = outer
+
+    def _maybe_fault(self, name: str) -> None:
+        want = os.environ.get(FAULT_ENV)
+        if not want or self.attempt > 0:
+            return
+        step, phase, rank = want.split(":")
+        if (int(step), phase, int(rank)) == (self.step, name, self.rank):
+            os.kill(os.getpid(), signal.SIGKILL)  # its status stays "running" in this phase and step
 
     @property
     def current_phase(self) -> str:

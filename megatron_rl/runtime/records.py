@@ -49,6 +49,22 @@ def failure_path(run_dir: str, rank: int) -> str:
     return os.path.join(runtime_dir(run_dir), "failures", f"rank{rank}.json")
 
 
+def attempt_dir(run_dir: str, attempt: int) -> str:
+    """Where the records of an earlier attempt of this launch are kept (torchrun restarts)."""
+    return os.path.join(runtime_dir(run_dir), f"attempt{attempt}")
+
+
+def archive_attempt(run_dir: str, rank: int, *, attempt: int) -> None:
+    """Move ``rank``'s status and failure records to :func:`attempt_dir` (each rank moves its own
+    before writing anything new, so no rank reads a half-moved attempt after the first barrier)."""
+    for sub in ("ranks", "failures"):
+        src = os.path.join(runtime_dir(run_dir), sub, f"rank{rank}.json")
+        if os.path.exists(src):
+            dst = os.path.join(attempt_dir(run_dir, attempt), sub, f"rank{rank}.json")
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            os.replace(src, dst)
+
+
 def write_json(path: str, obj: dict) -> None:
     """Atomic write (tmp + rename): a reader never sees half a record, even after SIGKILL."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -84,9 +100,10 @@ def _load_dir(path: str) -> list:
     return sorted(out, key=lambda r: r.get("rank", -1))
 
 
-def load_records(run_dir: str) -> dict:
-    """``{"status": [...], "failures": [...]}`` as written by the ranks of the last launch."""
-    root = runtime_dir(run_dir)
+def load_records(run_dir: str, *, attempt: Optional[int] = None) -> dict:
+    """``{"status": [...], "failures": [...]}`` as written by the ranks of the last launch (its
+    current attempt), or of an earlier ``attempt`` of it."""
+    root = runtime_dir(run_dir) if attempt is None else attempt_dir(run_dir, attempt)
     return {"status": _load_dir(os.path.join(root, "ranks")),
             "failures": _load_dir(os.path.join(root, "failures"))}
 
@@ -128,3 +145,19 @@ def _consequences(failures: list, exclude: set) -> list:
         return []
     ranks = ",".join(str(f["rank"]) for f in lost)
     return [f"then ranks {ranks} stopped because a peer was lost (consequence, not cause)"]
+
+
+def first_cause(records: dict) -> Optional[dict]:
+    """The record of the rank that failed first, with ``how`` it failed, or None: a raise or hang
+    (earliest), else a rank that vanished (SIGKILL, OOM: still ``running``), else the first
+    rank that lost a peer. The structured twin of :func:`root_cause`."""
+    failures, status = records["failures"], records["status"]
+    causes = sorted((f for f in failures if f.get("kind") in ("exception", "hang")), key=lambda f: f["time"])
+    if causes:
+        how = "hung (watchdog)" if causes[0]["kind"] == "hang" else f"raised {causes[0].get('error')}"
+        return {**causes[0], "how": how}
+    vanished = [s for s in status if s.get("state") == "running"]
+    if vanished:
+        return {**vanished[0], "how": "died without a Python exception (SIGKILL, the OOM killer or a crash)"}
+    lost = sorted((f for f in failures if f.get("kind") == "peer_lost"), key=lambda f: f["time"])
+    return {**lost[0], "how": f"lost a peer: {lost[0].get('error')}"} if lost else None

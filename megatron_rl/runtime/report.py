@@ -14,7 +14,7 @@ import argparse
 import os
 import sys
 
-from megatron_rl.runtime.records import load_records, root_cause, runtime_dir
+from megatron_rl.runtime.records import attempt_dir, first_cause, load_records, root_cause, runtime_dir
 
 RULE = "=" * 100
 
@@ -40,9 +40,38 @@ def format_report(run_dir: str, *, exit_code: int, rendezvous: str = "", nnodes:
     for s in records["status"]:
         if s["rank"] in failed and s.get("logs"):
             lines.append(f"  rank {s['rank']} log: {s['logs'].get('stderr')}")
+    lines += _earlier_attempts(run_dir)
     lines.append(f"  every rank's record: {runtime_dir(run_dir)}/ranks, logs: {run_dir}/logs")
     lines.append(RULE)
     return "\n".join(lines)
+
+
+def _earlier_attempts(run_dir: str) -> list:
+    """One line per earlier attempt of a restarted launch (MAX_RESTARTS): who failed there."""
+    out, k = [], 0
+    while os.path.isdir(attempt_dir(run_dir, k)):
+        cause = first_cause(load_records(run_dir, attempt=k))
+        what = "no failure record" if cause is None else (
+            f"rank {cause.get('rank')} {cause['how']} in phase '{cause.get('phase')}' at step {cause.get('step')}")
+        out.append(f"  earlier attempt {k} (then restarted): {what}; records: {attempt_dir(run_dir, k)}")
+        k += 1
+    return out
+
+
+def restart_line(run_dir: str, *, attempt: int, max_restarts: str, resumed: int) -> str:
+    """The one line a restarted job logs: which restart, the rank that died (from the previous
+    attempt's records) and where it died, and the step it resumes from (``resumed``: the next
+    step to run; 0 when there was no complete checkpoint)."""
+    cause = first_cause(load_records(run_dir, attempt=attempt - 1))
+    if cause is None:
+        who = f"attempt {attempt - 1} left no failure record (see the torchrun output)"
+    else:
+        at = "" if cause.get("step") is None else f" at step {cause['step']}"
+        who = (f"rank {cause.get('rank')} (host {cause.get('host')}, pid {cause.get('pid')}) {cause['how']} "
+               f"in phase '{cause.get('phase')}'{at}")
+    where = (f"resumed from the checkpoint of step {resumed - 1}, next step {resumed}" if resumed > 0
+             else "no complete checkpoint: started again at step 0")
+    return f"[restart] restart {attempt} of {max_restarts}: {who}; {where}"
 
 
 def main(argv=None) -> int:
