@@ -87,7 +87,9 @@ def _table(infos: list) -> str:
 
 
 def _preflight(rt: RankRuntime, cfg) -> int:
+    # Function-level: the CLI starts without importing torch.
     import torch
+    import torch.distributed as dist
 
     from megatron_rl.parallel import collectives as coll
 
