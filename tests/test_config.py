@@ -260,3 +260,14 @@ def test_train_cli_prints_one_line_and_exits_2(overrides, expected, capsys, monk
     import torch.distributed as dist
 
     assert not dist.is_initialized()  # failed before any process group
+
+
+def test_rollout_dtype_defaults_to_training_dtype_and_refuses_unknown():
+    from megatron_rl.config import ConfigError, load_config
+
+    cfg = load_config(None, overrides=["model.dtype=bfloat16"])
+    assert cfg.rollout.dtype == "auto" and cfg.rollout_dtype == "bfloat16"
+    cfg = load_config(None, overrides=["model.dtype=float32", "rollout.dtype=bfloat16"])
+    assert cfg.rollout_dtype == "bfloat16" and cfg.model.dtype == "float32"  # fp32 master, bf16 rollout
+    with pytest.raises(ConfigError, match=r"^config error: rollout.dtype: unknown dtype 'float16'; fix: use auto"):
+        load_config(None, overrides=["rollout.dtype=float16"])

@@ -47,6 +47,12 @@ def validate(args, cfg, world: int, hf_config) -> int:
 
         read_meta(args.load)  # one clear error for a missing or incomplete checkpoint
     cfg.check_world(world)
+    from megatron_rl.models import RopeError, rope_spec  # function-level: megatron_rl.models imports torch
+
+    try:
+        rope_spec(hf_config)  # an unsupported RoPE fails here, before any process group
+    except RopeError as e:
+        raise ConfigError(f"config error: model.hf_path: {cfg.model.hf_path} config.json: {e.problem}; fix: {e.fix}")
     cfg.check_model(num_attention_heads=hf_config.num_attention_heads,
                     num_key_value_heads=getattr(hf_config, "num_key_value_heads", hf_config.num_attention_heads),
                     vocab_size=hf_config.vocab_size, num_layers=hf_config.num_hidden_layers)
