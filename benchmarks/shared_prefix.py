@@ -7,15 +7,19 @@ heads, SwiGLU 1024, vocab 4096, fp32, random weights), same GRPO groups, same lo
 * naive: G rows ``[P, R_i]`` (what users run today), plain causal flash attention;
 * shared: one row ``[P, R_1..R_G]``, SharedPrefixCoreAttention (prompt once per layer).
 
-The bound on the gain is ``rho = G(P+R) / (P + G*R)`` (token count only; the attention's
-quadratic term makes the real bound slightly lower at long prompts). It also reports the
+Two bounds on the gain: ``rho = G(P+R) / (P + G*R)`` counts tokens only; ``flop_bound`` counts the
+matmul FLOPs of forward and backward, projections, MLP, LM head and attention (:func:`step_flops`):
+the attention's quadratic terms make it lower than rho at long responses. Both fractions are
+reported; ``"ratio"`` is the speedup of ours over the naive rows (the baseline users run). It also reports the
 largest |log p| difference between the two layouts.
 
     python benchmarks/shared_prefix.py            # headline P=1024 R=64 G=8, then the sweep
     python benchmarks/shared_prefix.py --quick    # < 1 min: headline (2 timed reps) and a short sweep
+    python benchmarks/shared_prefix.py --P 8192 --R 512 --G 8 --no-sweep   # any one point
 
 The final line is JSON: {"bench": "shared_prefix", "P", "R", "G", "naive_s", "shared_s",
-"speedup", "rho", "fraction_of_rho", "max_logprob_abs_diff"}.
+"speedup", "ratio", "rho", "fraction_of_rho", "flop_bound", "fraction_of_flop_bound",
+"max_logprob_abs_diff"}.
 """
 import argparse
 import json
@@ -137,6 +141,24 @@ def shared_step(model, groups) -> tuple:
     return times, dict(zip(map(tuple, metrics["keys"]), parts))
 
 
+def step_flops(p: int, r: int, g: int, *, shared: bool, shape: dict = None) -> float:
+    """Matmul FLOPs of one forward + backward (backward = 2x forward) of the benchmark's model.
+
+    Per token and layer: the q/k/v/o projections and the SwiGLU MLP; per token once: the LM
+    head. Attention: 4 * heads * head_dim FLOPs per (query, key) pair it computes (QK^T and AV).
+    Naive: G causal rows of P+R tokens. Shared: the prompt once (causal), and each response
+    token against the whole prompt and its own earlier tokens."""
+    m = shape or MODEL
+    h, q = m["hidden_size"], m["num_attention_heads"] * m["head_dim"]
+    kv, f, v, n = m["num_key_value_heads"] * m["head_dim"], m["intermediate_size"], m["vocab_size"], m["num_hidden_layers"]
+    per_token = n * 2 * (h * q + 2 * h * kv + q * h + 3 * h * f) + 2 * h * v
+    if shared:
+        tokens, pairs = p + g * r, p * (p + 1) / 2 + g * (r * p + r * (r + 1) / 2)
+    else:
+        tokens, pairs = g * (p + r), g * (p + r) * (p + r + 1) / 2
+    return 3.0 * (tokens * per_token + n * pairs * 4 * q)
+
+
 def measure(model, p: int, r: int, g: int, *, reps: int, clock: str, warmup: bool = True) -> dict:
     """Best of ``reps`` interleaved naive/shared steps (after a warm-up of each) on ``clock``."""
     groups = _groups(p, r, g)
@@ -153,16 +175,19 @@ def measure(model, p: int, r: int, g: int, *, reps: int, clock: str, warmup: boo
     best = lambda ts, c: min(t[c] for t in ts)  # noqa: E731  (min: the least-disturbed run)
     naive_s, shared_s = best(naive_t, clock), best(shared_t, clock)
     rho = g * (p + r) / (p + g * r)
+    flop_bound = step_flops(p, r, g, shared=False) / step_flops(p, r, g, shared=True)
     return {"P": p, "R": r, "G": g, "naive_s": round(naive_s, 4), "shared_s": round(shared_s, 4),
-            "speedup": round(naive_s / shared_s, 3), "rho": round(rho, 3),
-            "fraction_of_rho": round(naive_s / shared_s / rho, 3), "max_logprob_abs_diff": diff,
+            "speedup": round(naive_s / shared_s, 3), "ratio": round(naive_s / shared_s, 3), "rho": round(rho, 3),
+            "fraction_of_rho": round(naive_s / shared_s / rho, 3), "flop_bound": round(flop_bound, 3),
+            "fraction_of_flop_bound": round(naive_s / shared_s / flop_bound, 3), "max_logprob_abs_diff": diff,
             "wall": (best(naive_t, "wall"), best(shared_t, "wall"))}
 
 
 def _line(m: dict) -> str:
     return (f"P={m['P']:5d} R={m['R']:3d} G={m['G']}  naive {m['naive_s']*1e3:8.1f} ms  shared "
             f"{m['shared_s']*1e3:7.1f} ms  speedup {m['speedup']:5.2f}x  rho {m['rho']:5.2f}  "
-            f"fraction {m['fraction_of_rho']:.2f}  max|dlogp| {m['max_logprob_abs_diff']:.1e}  "
+            f"fraction {m['fraction_of_rho']:.2f}  flop bound {m['flop_bound']:5.2f} "
+            f"(fraction {m['fraction_of_flop_bound']:.2f})  max|dlogp| {m['max_logprob_abs_diff']:.1e}  "
             f"(wall: naive {m['wall'][0]*1e3:.0f} ms, shared {m['wall'][1]*1e3:.0f} ms)")
 
 
@@ -173,6 +198,10 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
                     help="cpu: process CPU time (robust on a shared machine; exact with --threads 1); wall")
+    ap.add_argument("--P", type=int, default=1024, help="prompt tokens of the headline point (default 1024)")
+    ap.add_argument("--R", type=int, default=64, help="response tokens of the headline point (default 64)")
+    ap.add_argument("--G", type=int, default=8, help="responses per prompt of the headline point (default 8)")
+    ap.add_argument("--no-sweep", action="store_true", help="measure the headline point only")
     args = ap.parse_args(argv)
     reps = args.reps or (2 if args.quick else 3)
     torch.set_num_threads(args.threads)
@@ -180,19 +209,21 @@ def main(argv=None):
     model = _init()
     print(f"model: megatron-core GPTModel {MODEL}, fp32, {torch.get_num_threads()} thread(s), clock={args.clock}, "
           f"best of {reps}, freed memory kept in process: {kept}; naive = G rows [P,R_i], causal flash attention")
-    head = measure(model, 1024, 64, 8, reps=reps, clock=args.clock)
+    head = measure(model, args.P, args.R, args.G, reps=reps, clock=args.clock)
     # quick: the sweep points run after the headline's warm-up, once each, without their own
     point = lambda p, g: measure(model, p, 64, g, reps=1 if args.quick else reps, clock=args.clock,  # noqa: E731
                                  warmup=not args.quick)
     print("headline: " + _line(head))
     sweep = [(p, g) for p in (256, 1024, 2048) for g in (4, 8)]
-    if args.quick:
+    if args.no_sweep:
+        sweep = []
+    elif args.quick:
         sweep = [(256, 4), (256, 8)]
         print("sweep (quick: P=1024 G=4 and P=2048 skipped; run without --quick for the full sweep):")
     else:
         print("sweep:")
     for p, g in sweep:
-        print("  " + _line(head if (p, g) == (1024, 8) else point(p, g)))
+        print("  " + _line(head if (p, g, 64) == (args.P, args.G, args.R) else point(p, g)))
     from megatron_rl.parallel import destroy_distributed
 
     destroy_distributed()
