@@ -192,3 +192,35 @@ def test_a_killed_rank_restarts_and_resumes_bitwise(tiny_models, tmp_path):
         assert not diff, (step, diff)  # exact equality, not a tolerance
     assert len({ref[s]["grad_norm"] for s in range(2, 6)}) == 4  # the compared numbers do move
     print(json.dumps({"killed_run_s": round(took, 1), "clean_run_s": round(took_clean, 1)}))
+
+
+_CHILD = """
+import sys
+from megatron_rl.runtime.rank import RankRuntime
+rt = RankRuntime(sys.argv[1], timeout_s=30, rank=5, world_size=8).start()
+for step in range(4):
+    rt.step = step
+    for phase in ("rollout", "train", "sync"):
+        with rt.phase(phase):
+            print(step, phase, flush=True)
+rt.finish()
+"""
+
+
+@pytest.mark.multirank
+def test_fault_hook_kills_one_phase_of_one_step_in_the_first_attempt_only(tmp_path):
+    import signal
+
+    def child(attempt: str, fault: str):
+        env = dict(os.environ, PYTHONPATH=REPO, TORCHELASTIC_RESTART_COUNT=attempt, **{FAULT_ENV: fault})
+        return subprocess.run([sys.executable, "-c", _CHILD, str(tmp_path / attempt)], env=env, capture_output=True,
+                              text=True, timeout=60)
+
+    p = child("0", "2:sync:5")
+    assert p.returncode == -signal.SIGKILL, (p.returncode, p.stderr[-2000:])
+    assert p.stdout.splitlines()[-1] == "2 train"  # died on entering sync of step 2, nothing after
+    st = records.load_records(str(tmp_path / "0"))["status"][0]
+    assert (st["state"], st["phase"], st["step"]) == ("running", "sync", 2), st
+    for attempt, fault in (("1", "2:sync:5"), ("0", "2:sync:4")):  # a restarted attempt; another rank
+        p = child(attempt, fault)
+        assert p.returncode == 0 and len(p.stdout.splitlines()) == 12, (attempt, fault, p.returncode, p.stderr[-2000:])
