@@ -24,7 +24,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 KEYS = ["bench", "bytes_moved", "lower_bound", "bytes_ratio_to_lower_bound", "baseline_bytes_moved",
-        "speedup_vs_gather", "peak_extra_bytes", "bucket_bytes", "peak_extra_over_bucket"]
+        "speedup_vs_gather", "ratio", "peak_extra_bytes", "bucket_bytes", "peak_extra_over_bucket"]
 SIZES = {  # llama-style, untied, head_dim 64 (vLLM-CPU attention), kv heads divisible by t_m=4
     "quick": dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=4, intermediate_size=1024,
                   num_hidden_layers=4, vocab_size=8000, bucket=4 << 20, repeats=2),
@@ -203,7 +203,7 @@ def report(out_dir: str, quick: bool) -> dict:
         print(f"vLLM weights after ours == after baseline (bitwise read-back): {all(r['readback_equal'] for r in res)}")
     out = dict(bench="weight_sync", bytes_moved=sent, lower_bound=res[0]["lower_bound"],
                bytes_ratio_to_lower_bound=round(sent / max(res[0]["lower_bound"], 1), 4),
-               baseline_bytes_moved=base_bytes, speedup_vs_gather=round(base / ours, 2), peak_extra_bytes=peak,
+               baseline_bytes_moved=base_bytes, speedup_vs_gather=round(base / ours, 2), ratio=round(base / ours, 2), peak_extra_bytes=peak,
                bucket_bytes=size["bucket"], peak_extra_over_bucket=round(peak / size["bucket"], 3))
     assert list(out) == KEYS
     return out
