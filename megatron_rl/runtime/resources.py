@@ -27,12 +27,12 @@ def resource_metrics() -> dict[str, float]:
     import torch.distributed as dist
 
     from megatron_rl.metrics import resource_usage
+    from megatron_rl.parallel import collectives as coll
 
     mine = resource_usage()
-    local = torch.tensor([mine[n] for n in NAMES], dtype=torch.float64)  # (len(NAMES),)
     if not (dist.is_available() and dist.is_initialized()):
-        rows = [local]
-    else:
-        rows = [torch.empty_like(local) for _ in range(dist.get_world_size())]
-        dist.all_gather(rows, local)
+        rows = [[float(mine[n]) for n in NAMES]]
+    else:  # on the default group's device (NCCL: CUDA)
+        local = coll.tensor([float(mine[n]) for n in NAMES], dtype=torch.float64)  # (len(NAMES),)
+        rows = [row.tolist() for row in coll.all_gather(local)]
     return {f"res/{n}/rank{r}": float(row[i]) for r, row in enumerate(rows) for i, n in enumerate(NAMES)}
