@@ -97,8 +97,8 @@ def test_distributed_optimizer_rl_checkpoint_round_trip(matrix):
 def test_destroyed_layouts_free_their_threads(matrix):
     """Each layout's init builds ~50 gloo groups; destroy_distributed must free them. Leaked, the
     workers grew by ~70 threads per layout (about 1,000 over this launch's 14 layouts); freed,
-    the growth is a few threads per layout (measured 3: dist-checkpoint and conversion helpers,
-    not process groups), so more than 8 per layout means groups leak again."""
+    the growth is a few threads per layout (measured: 3, from a source not yet identified), so
+    more than 8 per layout means megatron's groups leak again."""
     _, _, results = matrix
     for r, res in enumerate(results):
         threads = res["threads"]
