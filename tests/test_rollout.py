@@ -16,7 +16,18 @@ WORKERS = os.path.join(REPO, "tests", "workers")
 
 
 @pytest.fixture(scope="module")
-def memory_run():
+def big_model():
+    """Built once here, before any launch: two ranks building it at once race on a fresh clone."""
+    import sys
+
+    sys.path.insert(0, WORKERS)
+    from rollout_models import rollout_model
+
+    return rollout_model(os.path.join(OUT, "models", "big"))
+
+
+@pytest.fixture(scope="module")
+def memory_run(big_model):
     _, res = torchrun(os.path.join(WORKERS, "rollout_memory.py"), nproc=2, out_dir=os.path.join(OUT, "test-mem"),
                       timeout=900)
     return res
