@@ -2,7 +2,7 @@
 
 Two torchrun launches (real vLLM, gloo): world 2 (TP2) for the memory figures on a ~53M-param
 model with a 384 MiB-per-rank KV cache, and world 4 (TP2 x 2 replicas beside megatron TP2 x PP2)
-for replicas, dummy start, illegal transitions, tag mismatch and 50 release/resume cycles.
+for replicas, dummy start, illegal transitions, tag mismatch and 20 release/resume cycles (benchmarks/leaks.py runs 200 steps).
 """
 import os
 
@@ -115,12 +115,12 @@ def test_illegal_transition_raises_clear_error(spmd_run, case):
 
 
 @pytest.mark.multirank
-def test_fifty_cycles_no_growth_identical_outputs(spmd_run):
+def test_twenty_cycles_no_growth_identical_outputs(spmd_run):
     for r in spmd_run:
         c = r["cycles"]
-        assert c["n"] == 50 and c["all_same"], c
+        assert c["n"] == 20 and c["all_same"], c
         growth = (c["rss_last"] - c["rss_first"]) / c["rss_first"]
-        assert growth <= 0.05, f"rank {r['rank']}: RSS grew {growth:.1%} over 50 cycles"
+        assert growth <= 0.05, f"rank {r['rank']}: RSS grew {growth:.1%} over 20 cycles"
 
 
 @pytest.mark.gpu

@@ -93,7 +93,7 @@ def test_dummy_start_waits_for_the_first_sync_and_never_offloads_garbage():
 
 
 def test_memory_report_metrics_keys():
-    m = MemoryReport(phase="released", kv_cache_bytes=1, weight_bytes=2, rss=3).as_metrics()
+    m = MemoryReport(phase="released", kv_cache_bytes=1, weight_bytes=2, rss=3, device_used=4).as_metrics()
     assert m == {"rollout/mem/released/kv_cache_bytes": 1, "rollout/mem/released/weight_bytes": 2,
                  "rollout/mem/released/rss": 3, "rollout/mem/released/allocated": 0,
-                 "rollout/mem/released/reserved": 0}
+                 "rollout/mem/released/reserved": 0, "rollout/mem/released/device_used": 4}
