@@ -21,7 +21,7 @@ import time
 
 import pytest
 
-from _launch import REPO, free_port
+from _launch import LAUNCHES, REPO, free_port
 from megatron_rl.metrics import read_metrics, resource_usage
 from megatron_rl.runtime import records
 from megatron_rl.runtime.rank import FAULT_ENV, RankRuntime
@@ -157,6 +157,7 @@ def _launch(tmp_path, name, overrides, *, timeout, **env):
             kill_tree(proc.pid)
     assert rc is not None, f"{name}: timed out after {timeout} s:\n{(tmp_path / f'{name}.log').read_text()[-4000:]}"
     took = time.monotonic() - t0
+    LAUNCHES.append((f"restarts:{name}", took, timeout))  # printed with the suite's launch margins
     print(f"[{name}] exit {rc} in {took:.1f} s")
     return rc, (tmp_path / f"{name}.log").read_text(), took
 
