@@ -24,7 +24,6 @@ import json
 import os
 import shutil
 import sys
-import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -114,7 +113,7 @@ def long_prompts(path: str, n: int = 64) -> str:
 
 
 def run_one(args, kind: str, setting: str, steps: int) -> dict:
-    from _launch import free_port, run_group, tiny_model_paths
+    from _launch import launch_env, run_job, tiny_model_paths, torchrun_cmd
     from megatron_rl.metrics import read_metrics, reward_gain
 
     run_dir = os.path.join(args.run_dir, f"{setting}-{kind}")
@@ -124,19 +123,9 @@ def run_one(args, kind: str, setting: str, steps: int) -> dict:
     overrides = [*extra, f"model.hf_path={tiny_model_paths()['llama']}", f"train.steps={steps}", "checkpoint.dir=null",
                  f"logging.run_dir={run_dir}", "logging.progress=false", "logging.phase_table=false",
                  *SETTINGS[setting], *(["train.shared_prefix=false"] if kind == "baseline" else []), *args.overrides]
-    env = dict(os.environ, PYTHONPATH=REPO, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_OMP_THREADS_BIND="nobind",
-               TORCHINDUCTOR_CACHE_DIR=os.path.join(REPO, "runs", ".cache", "inductor"),
-               VLLM_CACHE_ROOT=os.path.join(REPO, "runs", ".cache", "vllm"), HF_HUB_OFFLINE="1",
-               TRANSFORMERS_OFFLINE="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4", "--master-addr", "127.0.0.1",
-           "--master-port", str(free_port()), os.path.abspath(__file__), "--as-job", kind,
-           "--config", "configs/tiny_cpu.yaml", *overrides]
-    t0 = time.time()
-    proc = run_group(cmd, env=env, timeout=args.timeout)
-    wall = time.time() - t0
-    if proc.returncode != 0:
-        print("\n".join((proc.stdout + proc.stderr).splitlines()[-40:]), file=sys.stderr)
-        sys.exit(f"grpo_step: the {setting}/{kind} job exited {proc.returncode}")
+    env = launch_env()
+    cmd = torchrun_cmd(4, os.path.abspath(__file__), "--as-job", kind, "--config", "configs/tiny_cpu.yaml", *overrides)
+    wall = run_job(cmd, env=env, timeout=args.timeout, what=f"grpo_step: the {setting}/{kind} job")
     rows = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
     timed = rows[1:] or rows  # step 0 compiles vLLM's log-prob kernel
     ph = {p: mean(r[f"time/{p}_s"] for r in timed) for p in ("rollout", "release", "train", "sync", "resume")}

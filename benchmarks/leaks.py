@@ -19,7 +19,6 @@ import json
 import os
 import shutil
 import sys
-import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -67,7 +66,7 @@ def analyse(rows: list, *, from_step: int, tol: float) -> dict:
 
 
 def main():
-    from _launch import free_port, run_group, tiny_model_paths
+    from _launch import launch_env, run_job, tiny_model_paths, torchrun_cmd
     from megatron_rl.metrics import read_metrics
     from megatron_rl.runtime.resources import ENV
 
@@ -76,19 +75,10 @@ def main():
     overrides = [f"model.hf_path={tiny_model_paths()['llama']}", f"train.steps={args.steps}",
                  f"checkpoint.dir={os.path.join(args.run_dir, 'ckpt')}", f"logging.run_dir={args.run_dir}",
                  *SMALL, *args.overrides]
-    env = dict(os.environ, PYTHONPATH=REPO, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_OMP_THREADS_BIND="nobind",
-               TORCHINDUCTOR_CACHE_DIR=os.path.join(REPO, "runs", ".cache", "inductor"),
-               VLLM_CACHE_ROOT=os.path.join(REPO, "runs", ".cache", "vllm"), HF_HUB_OFFLINE="1",
-               TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), **{ENV: "1"})
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4", "--master-addr", "127.0.0.1",
-           "--master-port", str(free_port()), os.path.join(REPO, "megatron_rl", "cli.py"), "train",
-           "--config", "configs/tiny_cpu.yaml", *overrides]
-    t0 = time.time()
-    proc = run_group(cmd, env=env, timeout=args.timeout)
-    wall = time.time() - t0
-    if proc.returncode != 0:
-        print("\n".join((proc.stdout + proc.stderr).splitlines()[-40:]), file=sys.stderr)
-        sys.exit(f"leaks: the training job exited {proc.returncode}")
+    env = launch_env(**{ENV: "1"})
+    cmd = torchrun_cmd(4, os.path.join(REPO, "megatron_rl", "cli.py"), "train",
+                       "--config", "configs/tiny_cpu.yaml", *overrides)
+    wall = run_job(cmd, env=env, timeout=args.timeout, what="leaks: the training job")
     rows = read_metrics(os.path.join(args.run_dir, "metrics.jsonl"))
     got = analyse(rows, from_step=args.from_step, tol=args.tol)
     for name, flat in got["flat"].items():

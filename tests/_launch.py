@@ -57,6 +57,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def launch_env(**extra) -> dict:
+    """The environment of every local torchrun launch (tests and benchmarks): this checkout on
+    PYTHONPATH, vLLM in-process with unbound threads, caches under ``runs/.cache`` unless set,
+    no model hub; ``extra`` entries last."""
+    env = dict(os.environ)
+    env.update({"PYTHONPATH": REPO + os.pathsep + env.get("PYTHONPATH", ""),
+                "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+                "TORCHINDUCTOR_CACHE_DIR": env.get("TORCHINDUCTOR_CACHE_DIR",
+                                                   os.path.join(REPO, "runs", ".cache", "inductor")),
+                "VLLM_CACHE_ROOT": env.get("VLLM_CACHE_ROOT", os.path.join(REPO, "runs", ".cache", "vllm")),
+                "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "1")})
+    env.update(extra)
+    return env
+
+
+def torchrun_cmd(nproc: int, script: str, *args: str) -> list:
+    """``python -m torch.distributed.run`` with ``nproc`` local ranks on a free local port."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+            "--master-addr", "127.0.0.1", "--master-port", str(free_port()), script, *args]
+
+
 def torchrun(script: str, *, nproc: int, out_dir: str, args=(), timeout: float = 600, env=None,
              check: bool = True):
     """Run ``script`` under torchrun with ``nproc`` local ranks; return (proc, [per-rank json]).
@@ -64,17 +86,9 @@ def torchrun(script: str, *, nproc: int, out_dir: str, args=(), timeout: float =
     The whole launch is bounded by ``timeout`` seconds; nothing may hang.
     """
     os.makedirs(out_dir, exist_ok=True)
-    full_env = dict(os.environ)
-    full_env.update({"OUT_DIR": out_dir, "PYTHONPATH": REPO + os.pathsep + full_env.get("PYTHONPATH", ""),
-                     "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_OMP_THREADS_BIND": "nobind",
-                     "TORCHINDUCTOR_CACHE_DIR": full_env.get("TORCHINDUCTOR_CACHE_DIR",
-                                                             os.path.join(REPO, "runs", ".cache", "inductor")),
-                     "VLLM_CACHE_ROOT": full_env.get("VLLM_CACHE_ROOT", os.path.join(REPO, "runs", ".cache", "vllm")),
-                     "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
-    full_env.update(env or {})
+    full_env = launch_env(OUT_DIR=out_dir, **(env or {}))
     for attempt in range(3):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-               "--master-addr", "127.0.0.1", "--master-port", str(free_port()), script, *map(str, args)]
+        cmd = torchrun_cmd(nproc, script, *map(str, args))
         proc = run_group(cmd, env=full_env, timeout=timeout)
         # free_port() releases the port before torchrun binds it: another launch may win the race.
         if proc.returncode == 0 or "EADDRINUSE" not in proc.stderr + proc.stdout:
@@ -87,6 +101,19 @@ def torchrun(script: str, *, nproc: int, out_dir: str, args=(), timeout: float =
         path = os.path.join(out_dir, f"rank{r}.json")
         results.append(json.load(open(path)) if os.path.exists(path) else None)
     return proc, results
+
+
+def run_job(cmd, *, env, timeout: float, what: str) -> float:
+    """Benchmarks: run one torchrun job; on failure print its last 40 lines and exit naming
+    ``what``. Returns the wall seconds."""
+    import time
+
+    t0 = time.time()
+    proc = run_group(cmd, env=env, timeout=timeout)
+    if proc.returncode != 0:
+        print("\n".join((proc.stdout + proc.stderr).splitlines()[-40:]), file=sys.stderr)
+        sys.exit(f"{what} exited {proc.returncode}")
+    return time.time() - t0
 
 
 def run_group(cmd, *, env, timeout: float, cwd: str = REPO) -> subprocess.CompletedProcess:

@@ -123,28 +123,31 @@ def results(tiny_models, tmp_path_factory):
     return ranks
 
 
+def _scaled_vs_plain(rows: list, *, what: str, tol: float, control: str) -> None:
+    """Each row: the llama3-scaled model's max deviation (``llama3``, must be <= ``tol``) and the
+    plain-RoPE negative control's (``plain``, must be > 1e-3: dropping the scaling must show)."""
+    for r in rows:
+        print(f"{what}: llama3 {r['llama3']:.3g}, plain-RoPE control {r['plain']:.3g}")
+        assert r["llama3"] <= tol, r
+        assert r["plain"] > 1e-3, f"negative control: {control}: {r}"
+
+
 @pytest.mark.multirank
 @pytest.mark.slow
 def test_llama3_logits_match_hf_at_tp2_pp2(results):
     last = [r["logits"] for r in results if "llama3" in r["logits"]]
     assert len(last) == 2  # the two TP ranks of the last PP stage
-    for r in last:
-        print(f"max |logit - HF|: llama3 {r['llama3']:.3g}, plain-RoPE control {r['plain']:.3g}")
-        assert r["hf_logit_scale"] > 0.1
-        assert r["llama3"] <= 1e-5, r
-        assert r["plain"] > 1e-3, f"negative control: dropping the scaling must change the logits: {r}"
+    assert all(r["hf_logit_scale"] > 0.1 for r in last), last
+    _scaled_vs_plain(last, what="max |logit - HF|", tol=1e-5, control="dropping the scaling must change the logits")
 
 
 @pytest.mark.multirank
 @pytest.mark.slow
 def test_llama3_rollout_train_mismatch(results):
-    for r in results:
-        m = r["mismatch"]
-        print(f"rank {r['rank']}: max |vLLM - megatron| log-prob over {m['response_tokens']} tokens: "
-              f"llama3 {m['llama3']:.3g}, plain-RoPE control {m['plain']:.3g}")
-        assert m["response_tokens"] >= 100
-        assert m["llama3"] <= 1e-4, m
-        assert m["plain"] > 1e-3, f"negative control: megatron without the scaling must disagree with vLLM: {m}"
+    mismatch = [r["mismatch"] for r in results]
+    assert all(m["response_tokens"] >= 100 for m in mismatch), mismatch
+    _scaled_vs_plain(mismatch, what="max |vLLM - megatron| log-prob", tol=1e-4,
+                     control="megatron without the scaling must disagree with vLLM")
 
 
 @pytest.mark.multirank
