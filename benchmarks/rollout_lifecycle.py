@@ -80,6 +80,7 @@ def main(args):
 
     from megatron_rl.config import RolloutConfig
     from megatron_rl.rollout.base import Sampling
+    from megatron_rl.parallel import rollout_topology
     from megatron_rl.rollout.vllm_engine import VllmEngine
 
     dist.init_process_group("gloo")
@@ -93,7 +94,7 @@ def main(args):
     import vllm  # noqa: F401 - the module import is a one-off, not part of an engine start
 
     t0 = time.perf_counter()
-    eng = VllmEngine(path, cfg=cfg, run_dir=args.run_dir)
+    eng = VllmEngine(path, cfg=cfg, topo=rollout_topology(rollout_tp=cfg.tp), run_dir=args.run_dir)
     cold = time.perf_counter() - t0
     say(f"cold start (model load + {kv_mib} MiB KV): {cold:.2f} s")
     g = torch.Generator().manual_seed(0)

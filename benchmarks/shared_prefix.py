@@ -120,7 +120,7 @@ def naive_step(model, groups) -> tuple:
     clock = _Clock()
     logits = model(tokens, position_ids, attention_mask=None)  # (B, S, V)
     picked = logits.reshape(-1, logits.size(-1)).index_select(0, rows)  # (N, V)
-    logp = vocab_parallel_logprobs(picked, targets, vocab_size=MODEL["vocab_size"])  # (N,)
+    logp = vocab_parallel_logprobs(picked, targets, vocab_size=MODEL["vocab_size"], tp_rank=0)  # (N,): TP 1
     (-(weights * logp).sum()).backward()
     times = clock.stop()
     return times, {key: logp[a:b].detach() for key, (a, b) in zip(keys, spans)}

@@ -127,16 +127,16 @@ def worker(args):
     size = SIZES["quick" if args.quick else "full"]
     hf_config = AutoConfig.from_pretrained(args.model_dir)
     parallel = ParallelConfig(tp=4, pp=1, timeout_s=600)
-    grid = init_distributed(parallel, hf_config=hf_config)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    chunks = build_gpt(hf_config, parallel=parallel)
+    topo = init_distributed(parallel, hf_config=hf_config, rollout_tp=2)
+    grid, rank, world = topo.grid, topo.rank, topo.world_size
+    chunks = build_gpt(hf_config, parallel=parallel, topo=topo)
     from megatron.core import parallel_state as ps
 
     from megatron_rl.config import RolloutConfig
     from megatron_rl.rollout.vllm_engine import VllmEngine
 
     rollout = RolloutConfig(tp=2, kv_cache_bytes=16 << 20, max_model_len=128, load_format="dummy")
-    vengine = VllmEngine(args.model_dir, cfg=rollout, run_dir=args.out, timeout_s=600)
+    vengine = VllmEngine(args.model_dir, cfg=rollout, topo=topo, run_dir=args.out)
     weights = vengine.weights
     engine = TimedEngine(vengine)
     shape = ModelShape.from_hf_config(hf_config)

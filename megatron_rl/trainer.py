@@ -50,12 +50,12 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # Rollout: the only place that knows the engine's calls.
 
 
-def start_rollout(cfg: Config, *, world_size: int, rank: int):
+def start_rollout(cfg: Config, *, topo):
     """The vLLM engine of this rank (created after the process groups, as vLLM requires)."""
     from megatron_rl.rollout.vllm_engine import VllmEngine
 
-    return VllmEngine(cfg.model.hf_path, cfg=cfg.rollout, run_dir=cfg.logging.run_dir, dtype=cfg.rollout_dtype,
-                      timeout_s=cfg.parallel.timeout_s)
+    return VllmEngine(cfg.model.hf_path, cfg=cfg.rollout, topo=topo, run_dir=cfg.logging.run_dir,
+                      dtype=cfg.rollout_dtype)
 
 
 def generate(engine, cfg: Config, *, prompt_ids: list, step: int) -> RolloutBatch:
@@ -81,15 +81,12 @@ def generate(engine, cfg: Config, *, prompt_ids: list, step: int) -> RolloutBatc
 # Training: this DP rank's groups, one optimizer step per mini-batch.
 
 
-def _global_sums(loss: GRPOLoss) -> tuple[torch.Tensor, float]:
+def _global_sums(loss: GRPOLoss, *, topo) -> tuple[torch.Tensor, float]:
     """Statistic sums over every rank. Only last-stage ranks hold non-zero sums, and the TP
     ranks of one stage hold identical copies, hence the division by TP."""
-    from megatron.core import parallel_state as ps
-
     sums = loss.sums()
     total, mx = coll.sum_max(sums.tolist(), [loss.mismatch_max])
-    return (torch.tensor(total, dtype=sums.dtype).reshape(sums.shape) / ps.get_tensor_model_parallel_world_size(),
-            float(mx[0]))
+    return torch.tensor(total, dtype=sums.dtype).reshape(sums.shape) / topo.grid.tp, float(mx[0])
 
 
 def train_step(eng, cfg: Config, batch: RolloutBatch, advantages: torch.Tensor, *, lr: float, ref=None,
@@ -99,10 +96,9 @@ def train_step(eng, cfg: Config, batch: RolloutBatch, advantages: torch.Tensor, 
 
     ``ref`` (a :class:`megatron_rl.train.reference.ReferenceModel`) is required when
     ``algorithm.kl_coef > 0``; it is onloaded for its forward and offloaded right after, timed
-    as phase "ref" by ``phase`` (a ``phase(name)`` context-manager factory) when given.
+    as phase "ref" by ``phase`` (a ``phase(name)`` context-manager factory) when given. The
+    layout comes from ``eng.topo``.
     """
-    from megatron.core import parallel_state as ps
-
     from megatron_rl.attention import make_batches, make_forward_fn
     from megatron_rl.attention.packing import group_tokens, naive_tokens
 
@@ -110,8 +106,9 @@ def train_step(eng, cfg: Config, batch: RolloutBatch, advantages: torch.Tensor, 
         raise ValueError("algorithm.kl_coef > 0 needs the reference model: pass ref=make_reference(cfg, ...)")
     for group in eng.optimizer.param_groups:
         group["lr"] = lr
-    shards = dp_shards(len(batch.prompt_ids), dp_rank=ps.get_data_parallel_rank(),
-                       dp_size=ps.get_data_parallel_world_size(), mini_batches=cfg.algorithm.mini_batches)
+    topo = eng.topo
+    shards = dp_shards(len(batch.prompt_ids), dp_rank=topo.coord.dp, dp_size=topo.grid.dp,
+                       mini_batches=cfg.algorithm.mini_batches)
     rollout_logp = batch.logp_by_key()
     pad = cfg.parallel.tp if cfg.parallel.sequence_parallel else 1
     shared = cfg.train.shared_prefix
@@ -124,32 +121,31 @@ def train_step(eng, cfg: Config, batch: RolloutBatch, advantages: torch.Tensor, 
         mb_batches.append(make_batches(groups, max_tokens=max_tokens, max_seq_len=cfg.rollout.max_model_len,
                                        cp_size=cfg.parallel.cp, pad_multiple=pad, shared_prefix=shared))
     # Off-policy mini-batches (all but the first) need the log-probs from before the first update.
-    old_logp = _logprobs(eng, shards, mb_batches) if len(shards) > 1 else None
+    old_logp = _logprobs(eng, shards, mb_batches, topo=topo) if len(shards) > 1 else None
     ref_logp = None
     if cfg.algorithm.kl_coef > 0:
         with (phase or _no_phase)("ref"), ref.onloaded():
-            ref_logp = _logprobs(ref, shards, mb_batches)
+            ref_logp = _logprobs(ref, shards, mb_batches, topo=topo)
     loss = GRPOLoss(cfg.algorithm, rollout_logp=rollout_logp, key_of=shards[0].__getitem__, old_logp=old_logp,
                     ref_logp=ref_logp)
     outs = []
     for indices, batches in zip(shards, mb_batches):
         loss.key_of = indices.__getitem__  # local group index in these micro-batches -> global group
         outs.append(eng.step(batches, forward_fn=make_forward_fn(loss)))
-    sums, mx = _global_sums(loss)
+    sums, mx = _global_sums(loss, topo=topo)
     norms = [o["grad_norm"] for o in outs if o["grad_norm"] is not None]
     return {"grad_norm": sum(norms) / max(len(norms), 1), "lr": lr, **stats_from_sums(sums, mismatch_max=mx)}
 
 
-def _logprobs(model, shards: list, mb_batches: list) -> dict:
+def _logprobs(model, shards: list, mb_batches: list, *, topo) -> dict:
     """``{(global group, response): (R,)}`` log-probs of ``model`` (the engine before any update,
     or the reference: anything with ``forward(batches, forward_fn=...)``) on the last PP stage."""
     from megatron_rl.attention import collect_logprobs, make_forward_fn, pg_loss
-    from megatron.core import parallel_state as ps
 
     out = {}
     for indices, batches in zip(shards, mb_batches):
         metrics = model.forward(batches, forward_fn=make_forward_fn(pg_loss))
-        got = collect_logprobs(metrics, cp_group=ps.get_context_parallel_group())
+        got = collect_logprobs(metrics, cp_group=topo.cp_group)
         out.update({(indices[g], i): lp for (g, i), lp in got.items()})
     return out
 
@@ -159,7 +155,7 @@ def _no_phase(name: str):
     yield
 
 
-def make_reference(cfg: Config, *, hf_config):
+def make_reference(cfg: Config, *, hf_config, topo):
     """The frozen KL reference (offloaded until used), or None when ``algorithm.kl_coef == 0``.
 
     It loads the initial weights from HF (``algorithm.ref_hf_path`` or ``model.hf_path``), never
@@ -169,7 +165,7 @@ def make_reference(cfg: Config, *, hf_config):
         return None
     from megatron_rl.train.reference import ReferenceModel, reference_path
 
-    return ReferenceModel(hf_config, parallel=cfg.parallel, hf_path=reference_path(cfg.algorithm,
+    return ReferenceModel(hf_config, parallel=cfg.parallel, topo=topo, hf_path=reference_path(cfg.algorithm,
                           model_path=cfg.model.hf_path), store_dir=os.path.join(cfg.logging.run_dir, "reference"),
                           dtype=DTYPES[cfg.model.dtype], vocab_divisible_by=cfg.model.make_vocab_size_divisible_by)
 
@@ -251,7 +247,6 @@ def sync_source_layout(chunks, shape, grid, vocab_divisible_by: int):
 
 def setup(cfg: Config, *, hf_config) -> Job:
     """Process groups, then the trainer, then vLLM (it must find the world already set up)."""
-    import torch.distributed as dist
     from transformers import AutoTokenizer
 
     from megatron_rl.attention import SharedPrefixCoreAttention, enable_shared_prefix
@@ -262,18 +257,19 @@ def setup(cfg: Config, *, hf_config) -> Job:
     from megatron_rl.resharding.vllm_layout import vllm_layout
     from megatron_rl.train.engine import TrainEngine
 
-    grid = init_distributed(cfg.parallel, seed=cfg.train.seed)
-    rank, world = dist.get_rank(), dist.get_world_size()
+    topo = init_distributed(cfg.parallel, seed=cfg.train.seed, rollout_tp=cfg.rollout.tp)
+    rank, world = topo.rank, topo.world_size
     tok = AutoTokenizer.from_pretrained(cfg.model.hf_path)
     data = PromptDataset.from_config(cfg.data, prompt_len=lambda p: len(tok(p).input_ids))
     divisible = cfg.model.make_vocab_size_divisible_by
-    eng = TrainEngine(hf_config, parallel=cfg.parallel, train=cfg.train, dtype=DTYPES[cfg.model.dtype],
-                      hf_path=cfg.model.hf_path, core_attention=SharedPrefixCoreAttention, vocab_divisible_by=divisible)
+    eng = TrainEngine(hf_config, parallel=cfg.parallel, train=cfg.train, topo=topo,
+                      dtype=DTYPES[cfg.model.dtype], hf_path=cfg.model.hf_path,
+                      core_attention=SharedPrefixCoreAttention, vocab_divisible_by=divisible)
     enable_shared_prefix(eng.model)
-    ref = make_reference(cfg, hf_config=hf_config)
-    rollout = start_rollout(cfg, world_size=world, rank=rank)
+    ref = make_reference(cfg, hf_config=hf_config, topo=topo)
+    rollout = start_rollout(cfg, topo=topo)
     shape = ModelShape.from_hf_config(hf_config)
-    sync = WeightSync(eng.model, rollout, src_layout=sync_source_layout(eng.model, shape, grid, divisible),
+    sync = WeightSync(eng.model, rollout, src_layout=sync_source_layout(eng.model, shape, topo.grid, divisible),
                       dst_layout=vllm_layout(shape, tp=cfg.rollout.tp, world_size=world), timeout=cfg.parallel.timeout_s,
                       dst_dtype=DTYPES[cfg.rollout_dtype])  # fp32 master weights can feed a bf16 rollout
     return Job(cfg=cfg, rank=rank, world=world, tokenizer=tok, data=data, reward_fn=get_reward(cfg.data.reward),

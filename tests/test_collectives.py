@@ -101,16 +101,18 @@ def test_check_on_device_names_group_and_fix(fake_nccl):
     assert fake_nccl.seen == []
 
 
-def test_reduce_loss_hands_the_group_device(fake_nccl, monkeypatch):
-    from megatron.core import parallel_state as ps
+def _one_rank_topology():
+    from megatron_rl.parallel.grid import RankGrid
+    from megatron_rl.parallel.topology import Topology
 
+    return Topology.pure(RankGrid(world_size=1), rank=0)  # groups None: the default (fake NCCL) group
+
+
+def test_reduce_loss_hands_the_group_device(fake_nccl):
     from megatron_rl.train import engine
 
-    monkeypatch.setattr(ps, "get_data_parallel_group", lambda **k: None)
-    monkeypatch.setattr(ps, "get_pipeline_model_parallel_group", lambda: None)
-    monkeypatch.setattr(ps, "is_pipeline_last_stage", lambda: True)
     with pytest.raises(fake_nccl.Reached):
-        engine.reduce_loss([{"loss_sum": 1.0, "tokens": 3}])
+        engine.reduce_loss([{"loss_sum": 1.0, "tokens": 3}], topo=_one_rank_topology())
     assert fake_nccl.seen == [("all_reduce", "meta")]
 
 
@@ -119,7 +121,7 @@ def test_trainer_sums_hand_the_group_device(fake_nccl):
 
     loss = types.SimpleNamespace(sums=lambda: torch.zeros(4, dtype=torch.float64), mismatch_max=0.5)
     with pytest.raises(fake_nccl.Reached):
-        trainer._global_sums(loss)
+        trainer._global_sums(loss, topo=_one_rank_topology())
     assert fake_nccl.seen == [("all_reduce", "meta")]
 
 

@@ -36,6 +36,7 @@ from megatron.core.packed_seq_params import PackedSeqParams
 
 from megatron_rl.attention import kernels
 from megatron_rl.attention.plan import AttentionPlan, LocalBatch
+from megatron_rl.parallel.cp_attention import CPDotProductAttention, all_gather_cp, cp_group_of
 
 
 @dataclass
@@ -70,8 +71,6 @@ class SharedPrefixCoreAttention(torch.nn.Module):
                  attention_dropout: Optional[float] = None, softmax_scale: Optional[float] = None,
                  cp_comm_type: Optional[str] = None, pg_collection=None):
         super().__init__()
-        from megatron.core import parallel_state as ps
-
         dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         if dropout:
             raise ValueError(f"SharedPrefixCoreAttention: attention_dropout={dropout}; "
@@ -86,10 +85,8 @@ class SharedPrefixCoreAttention(torch.nn.Module):
         if config.apply_query_key_layer_scaling:
             scale /= self.layer_number
         self.softmax_scale = scale
-        cp_group = getattr(pg_collection, "cp", None) if pg_collection is not None else None
         self.cp_size = config.context_parallel_size
-        self.cp_group = cp_group if cp_group is not None else (
-            ps.get_context_parallel_group() if self.cp_size > 1 else None)
+        self.cp_group = cp_group_of(pg_collection, cp_size=self.cp_size, who="SharedPrefixCoreAttention")
         self._fallback = None  # megatron_rl's CP attention for unshared batches, built on demand
         self._fallback_args = (config, layer_number, attn_mask_type, attention_type, softmax_scale, pg_collection)
 
@@ -110,8 +107,6 @@ class SharedPrefixCoreAttention(torch.nn.Module):
 
     def _cp_fallback(self):
         if self._fallback is None:
-            from megatron_rl.parallel.cp_attention import CPDotProductAttention
-
             config, layer, mask_type, att_type, scale, pgc = self._fallback_args
             self._fallback = CPDotProductAttention(config, layer, mask_type, att_type, softmax_scale=scale,
                                                    pg_collection=pgc)
@@ -126,8 +121,6 @@ class SharedPrefixCoreAttention(torch.nn.Module):
             raise ValueError(f"shared-prefix plan is for {plan.num_queries} tokens but attention got {sq}")
         q, k, v = query[:, 0], key[:, 0], value[:, 0]  # (T, np, hn), (T, ng, hn)
         if plan.cp_size > 1:
-            from megatron_rl.parallel.cp_attention import all_gather_cp
-
             if self.cp_group is None or self.cp_group.size() != plan.cp_size:
                 raise ValueError(f"plan was built for cp={plan.cp_size} but the model runs cp={self.cp_size}")
             slots = plan.prompt_slots

@@ -10,7 +10,7 @@ exactly the inputs the GRPO loss of ``megatron_rl.algorithms.losses`` takes.
 Usage::
 
     batches = make_batches(groups, max_tokens=8192, max_seq_len=4096, cp_size=cp, pad_multiple=tp)
-    eng = TrainEngine(hf, parallel=par, train=tr, hf_path=path, core_attention=SharedPrefixCoreAttention,
+    eng = TrainEngine(hf, parallel=par, train=tr, topo=topo, hf_path=path, core_attention=SharedPrefixCoreAttention,
                       forward_fn=make_forward_fn(pg_loss))
     enable_shared_prefix(eng.model)
     eng.step(batches)
@@ -25,6 +25,8 @@ from megatron_rl.attention.core import SharedPrefixParams, unwrap
 from megatron_rl.attention.packing import Group, pack_groups
 from megatron_rl.attention.plan import LocalBatch, build_local, local_length
 from megatron_rl.parallel import collectives as coll
+from megatron_rl.parallel.topology import group_rank, model_groups
+from megatron_rl.train.lm import vocab_parallel_logprobs
 
 
 def split_responses(groups: Sequence[Group]) -> tuple[list, list]:
@@ -70,12 +72,10 @@ def make_batches(groups: Sequence[Group], *, max_tokens: int, max_seq_len: Optio
     return batches
 
 
-def response_logprobs(logits: torch.Tensor, local: LocalBatch, *, vocab_size: int) -> torch.Tensor:
-    """log p of every local response token, (N_local,) fp32, from TP-sharded logits (1, T, V/TP)."""
-    from megatron_rl.train.lm import vocab_parallel_logprobs
-
+def response_logprobs(logits: torch.Tensor, local: LocalBatch, *, vocab_size: int, tp_rank: int) -> torch.Tensor:
+    """log p of every local response token, (N_local,) fp32, from TP rank ``tp_rank``'s logits (1, T, V/TP)."""
     rows = logits[0].index_select(0, local.logit_index.to(logits.device))  # (N, V/TP)
-    return vocab_parallel_logprobs(rows, local.targets.to(logits.device), vocab_size=vocab_size)
+    return vocab_parallel_logprobs(rows, local.targets.to(logits.device), vocab_size=vocab_size, tp_rank=tp_rank)
 
 
 def padded(per_token: torch.Tensor, local: LocalBatch, *, fill: float = 0.0) -> tuple:
@@ -106,22 +106,21 @@ def make_forward_fn(loss: LossFn = pg_loss) -> Callable:
 
     ``loss(logp (N_local,), local) -> (loss_sum, normaliser, metrics)``; the metrics also get
     ``logp`` (detached), ``keys`` (the (group, response) of each local response) and ``sizes``
-    (its token count); :func:`collect_logprobs` turns them into per-response tensors.
+    (its token count); :func:`collect_logprobs` turns them into per-response tensors. The cp
+    and tp ranks come from the model's ``pg_collection`` (the topology's groups).
     """
-    from megatron.core import parallel_state as ps
-
     def forward_fn(model, batch: dict):
         gpt = unwrap(model)
         device = next(gpt.parameters()).device
-        cp_rank = ps.get_context_parallel_rank() if ps.get_context_parallel_world_size() > 1 else 0
-        local = batch["locals"][cp_rank]
+        groups = model_groups(gpt)
+        local = batch["locals"][group_rank(groups.cp)]
         params = SharedPrefixParams.from_local(local, device=device, kernel=batch.get("kernel", "auto"))
         tokens = local.tokens.to(device).unsqueeze(0)  # (1, T)
         output = model(tokens, local.position_ids.to(device).unsqueeze(0), attention_mask=None,
                        packed_seq_params=params)
 
         def loss_fn(logits):
-            logp = response_logprobs(logits, local, vocab_size=gpt.unpadded_vocab_size)
+            logp = response_logprobs(logits, local, vocab_size=gpt.unpadded_vocab_size, tp_rank=group_rank(groups.tp))
             loss_sum, n, metrics = loss(logp, local)
             sizes = (local.response_cu[1:] - local.response_cu[:-1]).tolist()
             metrics = dict(metrics, logp=logp.detach(), keys=list(local.response_keys), sizes=sizes)

@@ -57,7 +57,7 @@ def setup_model(hf_config, *, tp: int, pp: int, dtype: torch.dtype, vocab_divisi
     from megatron_rl.parallel import init_distributed
 
     parallel = ParallelConfig(tp=tp, pp=pp)
-    grid = init_distributed(parallel)
+    grid = init_distributed(parallel).grid  # the Topology's training grid
     (model,) = build_gpt(hf_config, parallel=parallel, dtype=dtype, vocab_divisible_by=vocab_divisible_by)
     params = mio.local_params(model)
     te_names = uses_te_names(params)

@@ -236,22 +236,36 @@ def layer_spec(tf_config, *, backend: Optional[str] = None, core_attention=None)
     return spec
 
 
-def build_gpt(hf_config, *, parallel, dtype=torch.float32, vocab_divisible_by: int = 128, core_attention=None,
-              backend: Optional[str] = None, recompute: str = "none") -> list:
-    """This rank's GPTModel chunk(s) (one chunk: no virtual pipeline) for the current parallel state.
+def _stage(topo) -> tuple[bool, bool, object]:
+    """(pre_process, post_process, pg_collection) of this rank."""
+    if topo is not None:
+        return topo.is_first_stage, topo.is_last_stage, topo.pg_collection
+    from megatron.core.process_groups_config import ProcessGroupCollection  # lazy: keeps megatron out of CLI start-up
 
+    pp = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["pp"]).pp  # megatron's default groups
+    return pp.rank() == 0, pp.rank() == pp.size() - 1, None
+
+
+def build_gpt(hf_config, *, parallel, topo=None, dtype=torch.float32, vocab_divisible_by: int = 128,
+              core_attention=None, backend: Optional[str] = None, recompute: str = "none") -> list:
+    """This rank's GPTModel chunk(s) (one chunk: no virtual pipeline) on ``topo``'s groups.
+
+    ``topo`` (the :class:`~megatron_rl.parallel.Topology` from ``init_distributed``) gives the
+    pipeline stage and the ``pg_collection`` every layer (and ``core_attention``) receives.
+    Without it megatron-core picks its default groups and the stage is asked of them (for
+    callers not yet passing a topology).
     The rotary embedding's ``inv_freq`` is HF's (:func:`rope_inv_freq`) for every scaled rope type."""
-    from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
 
     shape = ModelShape.from_hf_config(hf_config)
     tf_config = megatron_config(hf_config, parallel=parallel, dtype=dtype, recompute=recompute)
     spec = layer_spec(tf_config, backend=backend, core_attention=core_attention)
+    first, last, pgc = _stage(topo)
     model = GPTModel(
         config=tf_config, transformer_layer_spec=spec,
         vocab_size=padded_vocab(shape.vocab, divisible_by=vocab_divisible_by, tp=parallel.tp),
         max_sequence_length=int(getattr(hf_config, "max_position_embeddings", 4096)),
-        pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
+        pre_process=first, post_process=last, pg_collection=pgc,
         parallel_output=True, share_embeddings_and_output_weights=shape.tied,
         position_embedding_type="rope", rotary_percent=1.0, rotary_base=rope_base(hf_config))
     if rope_spec(hf_config)["rope_type"] != "default":

@@ -1,23 +1,26 @@
-"""Process groups and megatron-core's parallel state, built from one :class:`RankGrid`.
+"""Process groups and megatron-core's parallel state, built from one :class:`RankGrid` into one :class:`Topology`.
 
 :func:`init_distributed` validates the layout *before* any process group exists, then
 initialises torch.distributed (gloo on CPU, NCCL on CUDA), applies megatron's compatibility
 patches (all of them when CUDA is absent, the sequence-parallel norm patch always), builds megatron-core's groups in the grid's order (tp-cp-ep-dp-pp)
-with the configured timeout on every group, and seeds megatron's RNG tracker. Megatron's
-parallel state is module-global upstream; this module is the only one that touches it.
+with the configured timeout on every group, adds the gloo control-plane group over the world,
+and seeds megatron's RNG tracker. It returns the :class:`Topology` (both grids, every group),
+which callers pass on explicitly. Megatron's parallel state is module-global upstream; this
+module is the only one in the package that reads it.
 
 Usage (under torchrun)::
 
     from megatron_rl.config import ParallelConfig
     from megatron_rl.parallel import init_distributed, destroy_distributed
 
-    grid = init_distributed(ParallelConfig(tp=2, pp=2))
-    coords = grid.coords(torch.distributed.get_rank())
+    topo = init_distributed(ParallelConfig(tp=2, pp=2), rollout_tp=2)
+    topo.coord, topo.grid.dp, topo.rollout.replica
     ...
     destroy_distributed()
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from datetime import timedelta
 from typing import Optional
@@ -25,11 +28,14 @@ from typing import Optional
 import torch
 
 from megatron_rl.parallel.grid import LayoutError, RankGrid, TrainCoord
+from megatron_rl.parallel.topology import RolloutGrid, Topology
 
-__all__ = ["init_distributed", "destroy_distributed", "check_layout", "RankGrid", "TrainCoord", "LayoutError"]
+__all__ = ["init_distributed", "destroy_distributed", "check_layout", "RankGrid", "TrainCoord", "LayoutError",
+           "RolloutGrid", "Topology", "rollout_topology"]
 
 
 _OWNED: list = []  # the process groups init_distributed created, newest last
+_CONTROL: list = []  # the control-plane group: one per world, it outlives layout rebuilds
 
 
 def _live_groups() -> list:
@@ -73,18 +79,22 @@ def _backend(parallel) -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def init_distributed(parallel, *, world_size: Optional[int] = None, hf_config=None, seed: int = 1234) -> RankGrid:
-    """Build torch.distributed and megatron-core's parallel state for ``parallel``.
+def init_distributed(parallel, *, world_size: Optional[int] = None, hf_config=None, seed: int = 1234,
+                     rollout_tp: int = 1) -> Topology:
+    """Build torch.distributed and megatron-core's parallel state for ``parallel``; return the topology.
 
+    ``rollout_tp`` (``rollout.tp``) lays out the rollout grid; it must divide the world.
     Idempotent for torch.distributed (an existing default group is reused). Megatron's
     parallel state must not already exist: call :func:`destroy_distributed` between layouts.
     """
     world_size, rank = _world_from_env(world_size)
     grid = check_layout(parallel, world_size=world_size, hf_config=hf_config)
+    grid.check_rollout_tp(rollout_tp)
     backend = _backend(parallel)
     timeout = timedelta(seconds=parallel.timeout_s)
 
-    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core import parallel_state, tensor_parallel  # lazy: keeps megatron out of CLI start-up
+    from megatron.core.process_groups_config import ProcessGroupCollection
 
     if parallel_state.model_parallel_is_initialized():
         raise RuntimeError("megatron parallel state is already initialised; call destroy_distributed() first")
@@ -110,20 +120,46 @@ def init_distributed(parallel, *, world_size: Optional[int] = None, hf_config=No
         context_parallel_size=parallel.cp, distributed_timeout_minutes=parallel.timeout_s / 60.0,
         order="tp-cp-ep-dp-pp")
     _OWNED.extend(g for g in _live_groups() if g not in before)  # freed by destroy_distributed
-    _check_ranks(grid, parallel_state)
+    control = _control_group(timeout)
+    topo = Topology.build(grid, rank=torch.distributed.get_rank(), rollout_tp=rollout_tp,
+                          pg_collection=ProcessGroupCollection.use_mpu_process_groups(), control_group=control)
+    _check_ranks(topo, parallel_state)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
-    return grid
+    return topo
 
 
-def _check_ranks(grid: RankGrid, parallel_state) -> None:
-    """Our grid and megatron's groups must agree on every coordinate of this rank."""
-    c = grid.coords(torch.distributed.get_rank())
+def _control_group(timeout: timedelta):
+    """The gloo control-plane group over the whole world (collective on first use).
+
+    It belongs to the world, not to a layout: a rollout engine keeps it while training
+    layouts are torn down and rebuilt (``destroy_distributed(keep_process_group=True)``)."""
+    if not _CONTROL or _CONTROL[0] not in _live_groups():
+        _CONTROL[:] = [torch.distributed.new_group(backend="gloo", timeout=timeout)]
+    return _CONTROL[0]
+
+
+def rollout_topology(*, rollout_tp: int, timeout_s: float = 300.0) -> Topology:
+    """The topology of a rollout-only world (torch.distributed up, no megatron groups): the
+    world's grid, the rollout grid and the control group. Collective on first use."""
+    grid = RankGrid(world_size=torch.distributed.get_world_size())
+    topo = Topology.pure(grid, rank=torch.distributed.get_rank(), rollout_tp=rollout_tp)
+    return dataclasses.replace(topo, control_group=_control_group(timedelta(seconds=timeout_s)))
+
+
+def _check_ranks(topo: Topology, parallel_state) -> None:
+    """Our topology and megatron's groups must agree on every coordinate of this rank."""
+    c = topo.coord
     got = TrainCoord(tp=parallel_state.get_tensor_model_parallel_rank(),
                      cp=parallel_state.get_context_parallel_rank(),
                      dp=parallel_state.get_data_parallel_rank(),
                      pp=parallel_state.get_pipeline_model_parallel_rank())
     if got != c:
         raise RuntimeError(f"rank grid {c} disagrees with megatron's parallel state {got}")
+    pp = torch.distributed.get_process_group_ranks(topo.pp_group)
+    stages = (parallel_state.is_pipeline_first_stage(), parallel_state.is_pipeline_last_stage())
+    if (pp != topo.pp_ranks or parallel_state.get_pipeline_model_parallel_last_rank() != topo.pp_last_rank
+            or stages != (topo.is_first_stage, topo.is_last_stage)):
+        raise RuntimeError(f"topology pipeline {topo.pp_ranks} disagrees with megatron's {pp}")
 
 
 def destroy_distributed(*, keep_process_group: bool = False) -> None:
@@ -142,4 +178,7 @@ def destroy_distributed(*, keep_process_group: bool = False) -> None:
         if group in _live_groups():
             torch.distributed.destroy_process_group(group)
     if not keep_process_group and torch.distributed.is_initialized():
+        if _CONTROL and _CONTROL[0] in _live_groups():
+            torch.distributed.destroy_process_group(_CONTROL[0])
+        _CONTROL.clear()
         torch.distributed.destroy_process_group()

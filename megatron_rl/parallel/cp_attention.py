@@ -114,6 +114,15 @@ def attend(query, key, value, *, keep: torch.Tensor, scale: float, fp32_softmax:
     return out.permute(2, 0, 1, 3).reshape(sq, b, np_ * hn)  # (sq, B, np*hn)
 
 
+def cp_group_of(pg_collection, *, cp_size: int, who: str):
+    """The cp group megatron-core hands a ``core_attention`` in ``pg_collection`` (None at CP = 1)."""
+    group = getattr(pg_collection, "cp", None)
+    if cp_size > 1 and group is None:
+        raise ValueError(f"{who}: context_parallel_size={cp_size} needs a pg_collection with a cp group; fix: "
+                         "build the model with megatron_rl.models.build_gpt (megatron-core passes it)")
+    return group if cp_size > 1 else None
+
+
 class CPDotProductAttention(torch.nn.Module):
     """``core_attention`` for megatron's local spec that supports context parallelism.
 
@@ -126,8 +135,6 @@ class CPDotProductAttention(torch.nn.Module):
                  attention_dropout: Optional[float] = None, softmax_scale: Optional[float] = None,
                  cp_comm_type: Optional[str] = None, pg_collection=None):
         super().__init__()
-        from megatron.core import parallel_state as ps
-
         self.config = config
         self.layer_number = max(1, layer_number)
         self.attn_mask_type = attn_mask_type
@@ -135,9 +142,7 @@ class CPDotProductAttention(torch.nn.Module):
         dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         if dropout:
             raise ValueError("CPDotProductAttention: attention_dropout must be 0; fix: set attention_dropout=0")
-        cp_group = getattr(pg_collection, "cp", None) if pg_collection is not None else None
-        self.cp_group = cp_group if cp_group is not None else (
-            ps.get_context_parallel_group() if config.context_parallel_size > 1 else None)
+        self.cp_group = cp_group_of(pg_collection, cp_size=config.context_parallel_size, who="CPDotProductAttention")
         self.cp_size = config.context_parallel_size
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,

@@ -23,7 +23,7 @@ Usage::
 """
 from __future__ import annotations
 
-from megatron_rl.parallel.grid import LayoutError
+from megatron_rl.parallel.grid import LayoutError, RankGrid
 from megatron_rl.resharding.layout import (LayerNames, Layout, LocalTensor, ModelShape, layer_tensors, replicated,
                                            split_blocks)
 
@@ -101,7 +101,8 @@ def vllm_layout(shape: ModelShape, *, tp: int, world_size: int, replica_ranks: l
         raise LayoutError(f"rollout.tp={tp} does not divide the world size {world_size}; fix: choose a rollout.tp "
                           "that divides the world (replicas fill the rest)")
     if replica_ranks is None:
-        replica_ranks = [list(range(r * tp, (r + 1) * tp)) for r in range(world_size // tp)]
+        grid = RankGrid(world_size=world_size)
+        replica_ranks = [grid.rollout_ranks(r, rollout_tp=tp) for r in range(world_size // tp)]
     seen = [r for ranks in replica_ranks for r in ranks]
     if any(len(ranks) != tp for ranks in replica_ranks) or len(set(seen)) != len(seen) \
             or any(not 0 <= r < world_size for r in seen):

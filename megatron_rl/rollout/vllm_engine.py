@@ -17,11 +17,13 @@ others), and in-process its state then differs, so the next call raises on every
 A weight sync, whose failure must leave every rank awaiting a full sync, ends in a second
 all-gather of error flags.
 
-torch.distributed (and megatron's parallel state) must exist before this engine.
+torch.distributed (and megatron's parallel state) must exist before this engine: it takes the
+:class:`~megatron_rl.parallel.Topology` for its replica, tp rank and control group.
 
 Usage::
 
-    engine = VllmEngine(model_path, cfg=config.rollout, run_dir="runs/x")
+    topo = init_distributed(config.parallel, rollout_tp=config.rollout.tp)
+    engine = VllmEngine(model_path, cfg=config.rollout, topo=topo, run_dir="runs/x")
     outs = engine.generate([[1, 5, 7]], sampling=Sampling(temperature=0, max_new_tokens=8))
     engine.release(["kv_cache", "weights"]); engine.resume(["weights"]) ...
 """
@@ -31,7 +33,6 @@ import os
 import time
 import zlib
 from dataclasses import replace
-from datetime import timedelta
 from typing import Iterable, Optional, Sequence
 
 import torch
@@ -77,17 +78,20 @@ def _unique_shm_names() -> None:
 class VllmEngine(RolloutEngine):
     """The vLLM rollout engine for one rank of an SPMD job."""
 
-    def __init__(self, model_path: str, *, cfg, run_dir: str, dtype: str = "float32",
-                 timeout_s: float = 300.0):
+    def __init__(self, model_path: str, *, cfg, topo, run_dir: str, dtype: str = "float32"):
         if not dist.is_initialized():
             raise EngineStateError("initialise torch.distributed (and megatron parallel state) before VllmEngine")
-        self.cfg, self.run_dir, self.timeout = cfg, run_dir, timedelta(seconds=timeout_s)
-        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.cfg, self.run_dir, self.topo = cfg, run_dir, topo
+        self.rank, self.world = topo.rank, topo.world_size
         if self.world % cfg.tp:
             raise EngineStateError(f"rollout.tp={cfg.tp} does not divide the world size {self.world}")
-        self.replicas, self.replica, self.tp_rank = self.world // cfg.tp, self.rank // cfg.tp, self.rank % cfg.tp
+        if topo.rollout.tp != cfg.tp:
+            raise EngineStateError(f"rollout.tp={cfg.tp} but the topology was built for rollout tp "
+                                   f"{topo.rollout.tp}; fix: init_distributed(..., rollout_tp=cfg.rollout.tp)")
+        r = topo.rollout
+        self.replicas, self.replica, self.tp_rank = r.replicas, r.replica, r.tp_rank
         self.cuda = torch.cuda.is_available()
-        self.group = dist.new_group(backend="gloo", timeout=self.timeout)  # control plane, collective
+        self.group = topo.control_group  # gloo over the world, with the job's timeout
         _set_env(cfg, run_dir)
         if not self.cuda:
             _unique_shm_names()
@@ -151,7 +155,7 @@ class VllmEngine(RolloutEngine):
         lo, hi = self._share(len(prompts))
         mine = self._generate_local(prompts[lo:hi], sampling, seeds=[base + i for i in range(lo, hi)])
         per_rank = self._gather(mine if self.tp_rank == 0 else None)
-        return [g for r in range(0, self.world, self.cfg.tp) for g in per_rank[r]]
+        return [g for r in self.topo.rollout.leaders for g in per_rank[r]]
 
     def _share(self, n: int) -> tuple[int, int]:
         """Contiguous split (keeps a prompt's group on one replica, so its prefix is shared)."""

@@ -9,7 +9,8 @@ the GRPO loss plug in their own.
 
 Usage (after :func:`megatron_rl.parallel.init_distributed`)::
 
-    eng = TrainEngine(hf_config, parallel=cfg.parallel, train=cfg.train, hf_path=path)
+    topo = init_distributed(cfg.parallel)
+    eng = TrainEngine(hf_config, parallel=cfg.parallel, train=cfg.train, topo=topo, hf_path=path)
     out = eng.step(micro_batches)          # {"loss": ..., "grad_norm": ..., "tokens": ...}
 """
 from __future__ import annotations
@@ -29,14 +30,14 @@ ForwardFn = Callable[[torch.nn.Module, dict], tuple]
 class TrainEngine:
     """Model chunks (megatron DDP), optimizer and one ``step()`` over micro-batches."""
 
-    def __init__(self, hf_config, *, parallel, train, dtype=torch.float32, hf_path: Optional[str] = None,
+    def __init__(self, hf_config, *, parallel, train, topo, dtype=torch.float32, hf_path: Optional[str] = None,
                  forward_fn: ForwardFn = lm_forward, core_attention=None, vocab_divisible_by: int = 128):
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, \
             finalize_model_grads
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-        self.hf_config, self.parallel, self.forward_fn = hf_config, parallel, forward_fn
-        chunks = build_gpt(hf_config, parallel=parallel, dtype=dtype, vocab_divisible_by=vocab_divisible_by,
+        self.hf_config, self.parallel, self.forward_fn, self.topo = hf_config, parallel, forward_fn, topo
+        chunks = build_gpt(hf_config, parallel=parallel, topo=topo, dtype=dtype, vocab_divisible_by=vocab_divisible_by,
                            core_attention=core_attention, recompute=train.recompute)
         if hf_path is not None:
             load_hf_into(chunks, hf_path, hf_config=hf_config, vocab_divisible_by=vocab_divisible_by)
@@ -73,7 +74,7 @@ class TrainEngine:
         self.optimizer.zero_grad()
         outputs = self._run(batches, forward_fn=forward_fn, forward_only=False)
         updated, grad_norm, _ = self.optimizer.step()
-        loss_sum, tokens = reduce_loss(outputs)
+        loss_sum, tokens = reduce_loss(outputs, topo=self.topo)
         return {"loss": loss_sum / max(tokens, 1), "grad_norm": float(grad_norm) if grad_norm is not None else None,
                 "tokens": tokens, "updated": bool(updated)}
 
@@ -101,22 +102,20 @@ def run_schedule(chunks: list, batches: list, *, forward_fn: ForwardFn, forward_
         forward_only=forward_only)
 
 
-def reduce_loss(outputs: list) -> tuple[float, int]:
+def reduce_loss(outputs: list, *, topo) -> tuple[float, int]:
     """Global (loss_sum, normaliser) from the last stage's metrics, on every rank.
 
     Each metrics dict carries ``loss_sum`` and ``tokens``; they are summed over micro-batches,
-    all-reduced over DP x CP, then broadcast from the last PP stage.
+    all-reduced over DP x CP, then broadcast from the last PP stage (``topo``: the
+    :class:`~megatron_rl.parallel.Topology`).
     """
-    from megatron.core import parallel_state as ps
-
     loss_sum = sum(float(m["loss_sum"]) for m in outputs)
     tokens = sum(float(m["tokens"]) for m in outputs)
-    dp = ps.get_data_parallel_group(with_context_parallel=True)
-    pp = ps.get_pipeline_model_parallel_group()
+    dp = topo.dp_cp_group
     acc = coll.tensor([loss_sum, tokens], dtype=torch.float64, group=dp)  # the group's device (NCCL: CUDA)
-    if ps.is_pipeline_last_stage():
+    if topo.is_last_stage:
         coll.all_reduce(acc, group=dp)
-    if ps.get_pipeline_model_parallel_world_size() > 1:
-        coll.broadcast(acc, src=ps.get_pipeline_model_parallel_last_rank(), group=pp)
+    if topo.grid.pp > 1:
+        coll.broadcast(acc, src=topo.pp_last_rank, group=topo.pp_group)
     loss_sum, tokens = acc.tolist()
     return loss_sum, int(tokens)

@@ -6,28 +6,32 @@ HF's and vLLM's exactly; megatron's ``vocab_parallel_cross_entropy`` does the TP
 log-softmax.
 
 A batch is a dict of full-length (B, S) tensors: ``tokens``, ``labels`` (next tokens),
-``loss_mask`` (1 where the token counts). :func:`lm_forward` cuts them for this CP rank.
+``loss_mask`` (1 where the token counts). :func:`lm_forward` cuts them for this CP rank; the
+tp and cp ranks come from the model's ``pg_collection`` (the topology's groups).
 
 Usage::
 
-    logp = vocab_parallel_logprobs(logits, labels, vocab_size=250)     # (B, S_local)
+    logp = vocab_parallel_logprobs(logits, labels, vocab_size=250, tp_rank=0)     # (B, S_local)
     eng.step(batches, forward_fn=lm_forward)
 """
 from __future__ import annotations
 
 import torch
 
+from megatron_rl.parallel.cp_attention import split_for_cp
+from megatron_rl.parallel.topology import group_rank, group_size, model_groups
 
-def vocab_parallel_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, vocab_size: int) -> torch.Tensor:
+
+def vocab_parallel_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, vocab_size: int,
+                            tp_rank: int) -> torch.Tensor:
     """log p(labels) from logits split over TP along the last dim (padded vocab masked).
 
-    logits (..., V_pad / TP) on this TP rank; labels (...) global token ids. Returns (...) fp32.
+    logits (..., V_pad / TP) on TP rank ``tp_rank``; labels (...) global token ids. Returns (...) fp32.
     """
-    from megatron.core import parallel_state as ps
-    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy  # lazy: keeps megatron out of CLI start-up
 
     local_v = logits.size(-1)
-    start = ps.get_tensor_model_parallel_rank() * local_v
+    start = tp_rank * local_v
     logits = logits.float()
     if start + local_v > vocab_size:
         ids = torch.arange(start, start + local_v, device=logits.device)
@@ -35,18 +39,12 @@ def vocab_parallel_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, vocab
     return -vocab_parallel_cross_entropy(logits, labels)
 
 
-def cp_batch(batch: dict) -> dict:
-    """This CP rank's share of every (B, S) tensor of ``batch`` (megatron's load-balanced split)."""
-    from megatron.core import parallel_state as ps
-
-    from megatron_rl.parallel.cp_attention import split_for_cp
-
-    cp = ps.get_context_parallel_world_size()
-    if cp == 1:
+def cp_batch(batch: dict, *, cp_size: int, cp_rank: int) -> dict:
+    """CP rank ``cp_rank``'s share of every (B, S) tensor of ``batch`` (megatron's load-balanced split)."""
+    if cp_size == 1:
         return batch
-    r = ps.get_context_parallel_rank()
-    return {k: split_for_cp(v, seq_dim=1, cp_size=cp, cp_rank=r) if torch.is_tensor(v) and v.dim() >= 2 else v
-            for k, v in batch.items()}
+    return {k: split_for_cp(v, seq_dim=1, cp_size=cp_size, cp_rank=cp_rank) if torch.is_tensor(v) and v.dim() >= 2
+            else v for k, v in batch.items()}
 
 
 def _vocab_size(model) -> int:
@@ -57,17 +55,19 @@ def _vocab_size(model) -> int:
 
 def lm_forward(model, batch: dict):
     """Forward step for :class:`TrainEngine`: next-token loss summed over ``loss_mask``."""
-    local = cp_batch(batch)
+    groups = model_groups(model)
+    cp = {"cp_size": group_size(groups.cp), "cp_rank": group_rank(groups.cp)}
+    local = cp_batch(batch, **cp)
     tokens = local["tokens"]
     position_ids = local.get("position_ids")
     if position_ids is None:
         position_ids = torch.arange(batch["tokens"].size(1)).unsqueeze(0).expand_as(batch["tokens"])
-        position_ids = cp_batch({"p": position_ids})["p"]
+        position_ids = cp_batch({"p": position_ids}, **cp)["p"]
     output = model(tokens, position_ids, attention_mask=None)  # (B, S_local, V_pad/TP) on the last stage
-    vocab = _vocab_size(model)
+    vocab, tp_rank = _vocab_size(model), group_rank(groups.tp)
 
     def loss_fn(logits):
-        logp = vocab_parallel_logprobs(logits, local["labels"], vocab_size=vocab)  # (B, S_local)
+        logp = vocab_parallel_logprobs(logits, local["labels"], vocab_size=vocab, tp_rank=tp_rank)  # (B, S_local)
         mask = local["loss_mask"].float()
         loss_sum = -(logp * mask).sum()
         tokens_n = mask.sum().to(torch.int)

@@ -91,11 +91,10 @@ def run(args, prepared, rt) -> dict:
 
     cfg, hf_config, world, micro = prepared
     dtype = getattr(torch, cfg.model.dtype)
-    grid = init_distributed(cfg.parallel, world_size=world, hf_config=hf_config, seed=cfg.train.seed)
-    rank = torch.distributed.get_rank()
-    coord = grid.coords(rank)
-    eng = TrainEngine(hf_config, parallel=cfg.parallel, train=cfg.train, dtype=dtype, hf_path=cfg.model.hf_path,
-                      vocab_divisible_by=cfg.model.make_vocab_size_divisible_by)
+    topo = init_distributed(cfg.parallel, world_size=world, hf_config=hf_config, seed=cfg.train.seed)
+    grid, rank, coord = topo.grid, topo.rank, topo.coord
+    eng = TrainEngine(hf_config, parallel=cfg.parallel, train=cfg.train, topo=topo, dtype=dtype,
+                      hf_path=cfg.model.hf_path, vocab_divisible_by=cfg.model.make_vocab_size_divisible_by)
     if args.load:
         from megatron_rl.checkpoint.spmd import load_checkpoint
 

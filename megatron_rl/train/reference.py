@@ -30,7 +30,7 @@ writes or copies the weights once at start-up (they never change), then ``offloa
 
 Usage::
 
-    ref = ReferenceModel(hf_config, parallel=cfg.parallel, hf_path=path, store_dir=run_dir + "/reference")
+    ref = ReferenceModel(hf_config, parallel=cfg.parallel, topo=topo, hf_path=path, store_dir=run_dir + "/reference")
     with ref.onloaded():                        # the reference starts offloaded
         metrics = ref.forward(batches, forward_fn=make_forward_fn(pg_loss))
 """
@@ -155,19 +155,20 @@ class ReferenceModel:
     Args:
         hf_config: the transformers config (the policy's architecture).
         parallel: the ``ParallelConfig`` (the process groups must exist).
+        topo: the :class:`~megatron_rl.parallel.Topology` the policy runs on.
         hf_path: where the initial weights are (never an RL checkpoint).
         store_dir: where the CPU store writes its file (one per rank).
     """
 
-    def __init__(self, hf_config, *, parallel, hf_path: str, store_dir: str, dtype=torch.float32,
+    def __init__(self, hf_config, *, parallel, topo, hf_path: str, store_dir: str, dtype=torch.float32,
                  vocab_divisible_by: int = 128):
         from megatron_rl.attention import SharedPrefixCoreAttention, enable_shared_prefix
         from megatron_rl.models import build_gpt
         from megatron_rl.models.hf_weights import load_hf_into
 
         with _rng_untouched():
-            chunks = build_gpt(hf_config, parallel=parallel, dtype=dtype, vocab_divisible_by=vocab_divisible_by,
-                               core_attention=SharedPrefixCoreAttention)
+            chunks = build_gpt(hf_config, parallel=parallel, topo=topo, dtype=dtype,
+                               vocab_divisible_by=vocab_divisible_by, core_attention=SharedPrefixCoreAttention)
         load_hf_into(chunks, hf_path, hf_config=hf_config, vocab_divisible_by=vocab_divisible_by)
         enable_shared_prefix(chunks)
         for chunk in chunks:
@@ -182,8 +183,7 @@ class ReferenceModel:
         self.model = chunks
         params = _unique_params(chunks)
         self.param_bytes = sum(p.numel() * p.element_size() for p in params)
-        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        self.store = make_store(params, path=os.path.join(store_dir, f"reference-rank{rank}.bin"))
+        self.store = make_store(params, path=os.path.join(store_dir, f"reference-rank{topo.rank}.bin"))
         self.offload()
 
     @property

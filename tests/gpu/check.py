@@ -57,6 +57,9 @@ def lm_train(work: str, smoke: bool) -> dict:
     return out
 
 
+TOPO: list = []  # the Topology _model built (memory() reuses its single-rank groups)
+
+
 def _model(shape: dict, device: torch.device, dtype):
     from transformers import LlamaConfig
 
@@ -69,8 +72,8 @@ def _model(shape: dict, device: torch.device, dtype):
                      tie_word_embeddings=False, attention_bias=False, mlp_bias=False)
     hf.architectures = ["LlamaForCausalLM"]
     par = ParallelConfig(backend="gloo" if device.type == "cpu" else "nccl")
-    init_distributed(par, hf_config=hf, seed=0)
-    (model,) = build_gpt(hf, parallel=par, dtype=dtype, vocab_divisible_by=128,
+    TOPO[:] = [init_distributed(par, hf_config=hf, seed=0)]
+    (model,) = build_gpt(hf, parallel=par, topo=TOPO[0], dtype=dtype, vocab_divisible_by=128,
                          core_attention=SharedPrefixCoreAttention)
     enable_shared_prefix(model)
     return model.to(device).train(), hf
@@ -132,7 +135,7 @@ def memory(work: str, smoke: bool) -> dict:
     path = os.path.join(work, "ref-model")
     make_tiny_model(path, family="llama", seed=0)
     dtype = torch.float32 if smoke else torch.bfloat16
-    ref = ReferenceModel(AutoConfig.from_pretrained(path), parallel=ParallelConfig(), hf_path=path,
+    ref = ReferenceModel(AutoConfig.from_pretrained(path), parallel=ParallelConfig(), topo=TOPO[0], hf_path=path,
                          store_dir=os.path.join(work, "ref-store"), dtype=dtype)
     if smoke:
         import psutil

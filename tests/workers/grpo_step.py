@@ -60,8 +60,8 @@ def vllm_batch(path: str) -> tuple:
                for _ in range(N)]
     rewards = torch.rand(N * G, generator=g)
     cfg = _rollout_cfg(path)
-    init_distributed(cfg.parallel)  # vLLM finds the world and megatron's state set up, as in the trainer
-    engine = VllmEngine(path, cfg=cfg.rollout, run_dir=cfg.logging.run_dir, dtype=ROLLOUT_DTYPE)
+    topo = init_distributed(cfg.parallel, rollout_tp=cfg.rollout.tp)  # vLLM finds the world set up, as in the trainer
+    engine = VllmEngine(path, cfg=cfg.rollout, topo=topo, run_dir=cfg.logging.run_dir, dtype=ROLLOUT_DTYPE)
     batch = trainer.generate(engine, cfg, prompt_ids=prompts, step=0)
     destroy_distributed(keep_process_group=True)
     return batch, group_advantages(rewards, group_size=G)
@@ -130,11 +130,11 @@ def run_layout(path: str, hf, spec: str, batch, adv) -> dict:
                                  f"logging.run_dir={os.path.join(os.environ['OUT_DIR'], 'run')}", *extra])
     cfg.validate(world_size=dist.get_world_size(), hf_config=hf)
     trainer.check_supported(cfg)
-    init_distributed(cfg.parallel)
-    eng = TrainEngine(hf, parallel=cfg.parallel, train=cfg.train, hf_path=path,
+    topo = init_distributed(cfg.parallel)
+    eng = TrainEngine(hf, parallel=cfg.parallel, train=cfg.train, topo=topo, hf_path=path,
                       core_attention=SharedPrefixCoreAttention)
     enable_shared_prefix(eng.model)
-    ref = trainer.make_reference(cfg, hf_config=hf)
+    ref = trainer.make_reference(cfg, hf_config=hf, topo=topo)
     mine = own_logprobs(eng, batch, adv)  # fp32, initial weights: the trainer's side of the mismatch
     expected = expected_tis(mine, batch.logprobs, TIS_CAP)
     checks = reference_checks(ref, mine, batch, adv) if ref is not None else None

@@ -77,7 +77,8 @@ def _naive_step(chunks, groups, par):
         out = model(b["tokens"], b["pos"], attention_mask=None)
 
         def loss_fn(logits):
-            logp = vocab_parallel_logprobs(logits, b["labels"], vocab_size=model.unpadded_vocab_size)
+            logp = vocab_parallel_logprobs(logits, b["labels"], vocab_size=model.unpadded_vocab_size,
+                                           tp_rank=ps.get_tensor_model_parallel_rank())
             store["logp"] = logp.detach()
             loss = -(b["w"] * logp).sum()
             return loss, torch.tensor(1, dtype=torch.int), {"loss_sum": loss.detach()}
@@ -191,7 +192,7 @@ def _weight_diff(a: dict, b: dict) -> float:
     return max(float((a[n] - b[n]).abs().max()) if a[n].shape == b[n].shape else float("inf") for n in a)
 
 
-def _engine_check(hf_config, path, par, groups, naive, model, layout) -> dict:
+def _engine_check(hf_config, path, par, groups, naive, model, layout, topo) -> dict:
     """One TrainEngine GRPO step (DDP, megatron Adam; distributed at tp2do) on shared-prefix
     batches. lr 1e-4: Adam maps near-zero grads to updates of ~lr, so grad noise of 1e-7 moves
     such weights by up to ~2% of lr (1.8e-5 at lr 1e-3). At tp1: its loss (token mean) must equal the same mean over the naive log-probs, and
@@ -199,7 +200,7 @@ def _engine_check(hf_config, path, par, groups, naive, model, layout) -> dict:
     from megatron_rl.config import TrainConfig
     from megatron_rl.train.engine import TrainEngine
 
-    eng = TrainEngine(hf_config, parallel=par, train=TrainConfig(lr=1e-4, grad_clip=0.0), hf_path=path,
+    eng = TrainEngine(hf_config, parallel=par, train=TrainConfig(lr=1e-4, grad_clip=0.0), topo=topo, hf_path=path,
                       core_attention=SharedPrefixCoreAttention, forward_fn=make_forward_fn(_grpo_loss(naive)))
     enable_shared_prefix(eng.model)
     before = _weights(eng.model)
@@ -229,7 +230,7 @@ def run_case(model: str, layout: str, path: str) -> dict:
 
     par = ParallelConfig(**LAYOUTS[layout])
     hf_config = AutoConfig.from_pretrained(path)
-    init_distributed(par, hf_config=hf_config)
+    topo = init_distributed(par, hf_config=hf_config)
     try:
         groups = make_groups(vocab=hf_config.vocab_size)
         t0 = time.perf_counter()
@@ -244,9 +245,9 @@ def run_case(model: str, layout: str, path: str) -> dict:
             wrong, _ = _shared_step(shared_model, groups, par, wrong_positions=True)
             extra["control_logp_diff"] = _max_diff(wrong, naive)
             extra["recompute_max_grad_rel"] = _recompute_check(shared_model, groups, par, g_ref)
-            extra["engine"] = _engine_check(hf_config, path, par, groups, naive, model, layout)
+            extra["engine"] = _engine_check(hf_config, path, par, groups, naive, model, layout, topo)
         if layout in ENGINE_VS_TP1:
-            extra["engine_vs_tp1"] = _engine_check(hf_config, path, par, groups, naive, model, layout)
+            extra["engine_vs_tp1"] = _engine_check(hf_config, path, par, groups, naive, model, layout, topo)
         return {"model": model, "layout": layout, "micro_batches": n_mb, "seconds": time.perf_counter() - t0,
                 "max_logp_diff": _max_diff(shared, naive) if naive else None, **extra,
                 "keys_naive": sorted(map(list, naive)),

@@ -30,7 +30,7 @@ def round_trip(hf_path: str, root: str) -> dict:
 
     hf = AutoConfig.from_pretrained(hf_path)
     par = ParallelConfig(tp=2, distributed_optimizer=True, backend="gloo", timeout_s=300)
-    init_distributed(par)
+    topo = init_distributed(par)
     try:
         train = TrainConfig(lr=1e-2)
         batches = [synthetic_batches(vocab=hf.vocab_size, num=2, batch=2, seq=16, seed=s) for s in range(4)]
@@ -38,12 +38,12 @@ def round_trip(hf_path: str, root: str) -> dict:
         def run(eng, steps):
             return [(o["loss"], o["grad_norm"]) for o in (eng.step(batches[s]) for s in steps)]
 
-        eng = TrainEngine(hf, parallel=par, train=train)
+        eng = TrainEngine(hf, parallel=par, train=train, topo=topo)
         first = run(eng, [0, 1])
         rl.save_rl_checkpoint(root, step=1, model=eng.model, optimizer=eng.optimizer, extra={"x": 7}, keep=1)
         ref = run(eng, [2, 3])
         torch.manual_seed(999)  # the fresh engine starts from other weights
-        eng2 = TrainEngine(hf, parallel=par, train=train)
+        eng2 = TrainEngine(hf, parallel=par, train=train, topo=topo)
         step, extra = rl.load_rl_checkpoint(root, model=eng2.model, optimizer=eng2.optimizer)
         got = run(eng2, [2, 3])
         return {"first": first, "ref": ref, "got": got, "step": step, "extra": extra}

@@ -60,6 +60,7 @@ def cuda_cycles(eng, same, lp_diff) -> dict:
 def main():
     from megatron_rl.config import RolloutConfig
     from megatron_rl.rollout.base import Sampling
+    from megatron_rl.parallel import rollout_topology
     from megatron_rl.rollout.vllm_engine import VllmEngine
 
     dist.init_process_group("gloo")
@@ -67,7 +68,7 @@ def main():
     path = rollout_model(os.path.join(os.path.dirname(out_dir), "models", "big"))
     cfg = RolloutConfig(tp=2, kv_cache_bytes=int(os.environ.get("KV_BYTES", 384 << 20)), max_model_len=512,
                         weights_release="offload", seed=0)
-    eng = VllmEngine(path, cfg=cfg, run_dir=out_dir)
+    eng = VllmEngine(path, cfg=cfg, topo=rollout_topology(rollout_tp=cfg.tp), run_dir=out_dir)
     greedy = Sampling(temperature=0.0, max_new_tokens=24)
     plp = Sampling(temperature=0.0, max_new_tokens=1, prompt_logprobs=True)
     prompts = prompts_for(32000)

@@ -76,13 +76,14 @@ def main():
     path = tiny_model_paths()["qwen2"]  # tied embeddings + qkv bias; 2 kv heads split over TP2
     from transformers import AutoConfig
 
-    init_distributed(ParallelConfig(tp=2, pp=2), world_size=4, hf_config=AutoConfig.from_pretrained(path))
+    topo = init_distributed(ParallelConfig(tp=2, pp=2), world_size=4, hf_config=AutoConfig.from_pretrained(path),
+                            rollout_tp=2)
     from megatron.core import parallel_state as ps
 
     out_dir = os.environ["OUT_DIR"]
     cfg = RolloutConfig(tp=2, kv_cache_bytes=32 << 20, max_model_len=512, load_format="dummy",
                         weights_release="offload", seed=0)
-    eng = VllmEngine(path, cfg=cfg, run_dir=out_dir)
+    eng = VllmEngine(path, cfg=cfg, topo=topo, run_dir=out_dir)
     res = {"rank": dist.get_rank(), "megatron_tp": ps.get_tensor_model_parallel_world_size(),
            "megatron_pp": ps.get_pipeline_model_parallel_world_size(), "replica": eng.replica}
     greedy = Sampling(temperature=0.0, max_new_tokens=16)

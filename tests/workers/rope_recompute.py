@@ -30,6 +30,7 @@ from megatron_rl.config import ParallelConfig, TrainConfig  # noqa: E402
 from megatron_rl.train.engine import TrainEngine  # noqa: E402
 
 PAR = ParallelConfig(tp=2, pp=2)
+TOPO: list = []  # the Topology main() builds for PAR (rollout tp 1)
 B, S = 2, 64  # logits check; positions reach beyond the llama3 model's original_max_position_embeddings
 
 
@@ -63,7 +64,8 @@ def logits_checks(paths: dict) -> dict:
         want = hf(tokens).logits
     out = {}
     for name, path in paths.items():
-        eng = TrainEngine(AutoConfig.from_pretrained(path), parallel=PAR, train=TrainConfig(), hf_path=path)
+        eng = TrainEngine(AutoConfig.from_pretrained(path), parallel=PAR, train=TrainConfig(), topo=TOPO[0],
+                          hf_path=path)
         got = megatron_logits(eng, tokens)
         if got is not None:
             out[name] = float((got - want).abs().max())
@@ -119,7 +121,8 @@ def recompute_checks(path: str) -> dict:
     batches = synthetic_batches(vocab=hf_config.vocab_size, num=2, batch=2, seq=128, seed=7)
     out = {}
     for mode in ("none", "full", "selective"):
-        eng = TrainEngine(hf_config, parallel=PAR, train=TrainConfig(lr=1e-3, grad_clip=1e9, recompute=mode),
+        eng = TrainEngine(hf_config, parallel=PAR, topo=TOPO[0],
+                          train=TrainConfig(lr=1e-3, grad_clip=1e9, recompute=mode),
                           hf_path=path)
         counter = SavedBytes([p for m in eng.model for p in m.parameters()] +
                              [b for m in eng.model for b in m.module.buffers()])
@@ -142,7 +145,7 @@ def mismatch_checks(paths: dict) -> dict:
     from megatron_rl.rollout.vllm_engine import VllmEngine
 
     cfg = RolloutConfig(tp=1, kv_cache_bytes=32 << 20, max_model_len=128, seed=0)
-    vllm = VllmEngine(paths["llama3"], cfg=cfg, run_dir=os.path.join(os.environ["OUT_DIR"], "vllm"))
+    vllm = VllmEngine(paths["llama3"], cfg=cfg, topo=TOPO[0], run_dir=os.path.join(os.environ["OUT_DIR"], "vllm"))
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, 90, (int(torch.randint(4, 12, (1,), generator=g)),), generator=g).tolist()
                for _ in range(N)]
@@ -153,7 +156,8 @@ def mismatch_checks(paths: dict) -> dict:
     batch = RolloutBatch(rows=[], prompt_ids=prompts, response_ids=resp, logprobs=roll)
     out = {"response_tokens": sum(len(r) for rs in resp for r in rs)}
     for name, path in paths.items():
-        eng = TrainEngine(AutoConfig.from_pretrained(path), parallel=PAR, train=TrainConfig(), hf_path=path,
+        eng = TrainEngine(AutoConfig.from_pretrained(path), parallel=PAR, train=TrainConfig(), topo=TOPO[0],
+                          hf_path=path,
                           core_attention=SharedPrefixCoreAttention)
         enable_shared_prefix(eng.model)
         mine = own_logprobs(eng, batch, torch.zeros(N * G))
@@ -168,7 +172,7 @@ def main():
     from megatron_rl.parallel import init_distributed
 
     paths = {"llama3": sys.argv[1], "plain": sys.argv[2]}
-    init_distributed(PAR, hf_config=AutoConfig.from_pretrained(paths["llama3"]))
+    TOPO.append(init_distributed(PAR, hf_config=AutoConfig.from_pretrained(paths["llama3"])))
     res, seconds = {"rank": dist.get_rank()}, {}
     for name, check in (("logits", lambda: logits_checks(paths)), ("recompute", lambda: recompute_checks(
             paths["llama3"])), ("mismatch", lambda: mismatch_checks(paths))):

@@ -69,10 +69,11 @@ def hf_tensors(path: str) -> dict:
 def make_engine(path: str, *, tp: int, dummy: bool, run_dir: str):
     """The production rollout engine (megatron_rl.rollout.vllm_engine.VllmEngine) on this rank."""
     from megatron_rl.config import RolloutConfig
+    from megatron_rl.parallel import rollout_topology
     from megatron_rl.rollout.vllm_engine import VllmEngine
 
     cfg = RolloutConfig(tp=tp, kv_cache_bytes=16 << 20, max_model_len=128, load_format="dummy" if dummy else "auto")
-    return VllmEngine(path, cfg=cfg, run_dir=run_dir, timeout_s=120)
+    return VllmEngine(path, cfg=cfg, topo=rollout_topology(rollout_tp=tp, timeout_s=120), run_dir=run_dir)
 
 
 def unlink_job_shm() -> list:
@@ -141,10 +142,10 @@ def build_megatron(path: str, *, tp: int, pp: int, hf_config):
 
     destroy_distributed(keep_process_group=True)
     parallel = ParallelConfig(tp=tp, pp=pp, timeout_s=120)
-    grid = init_distributed(parallel, hf_config=hf_config)
-    chunks = build_gpt(hf_config, parallel=parallel)
+    topo = init_distributed(parallel, hf_config=hf_config)
+    chunks = build_gpt(hf_config, parallel=parallel, topo=topo)
     load_hf_into(chunks, path, hf_config=hf_config)
-    return chunks, grid
+    return chunks, topo.grid
 
 
 def diff_shards(got: dict, want: dict) -> list:

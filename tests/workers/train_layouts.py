@@ -35,13 +35,14 @@ def run_layout(spec: str, paths: dict) -> dict:
     from transformers import AutoConfig
 
     par = parse(spec)
-    grid = init_distributed(par)
+    topo = init_distributed(par)
+    grid = topo.grid
     rank = torch.distributed.get_rank()
     c = grid.coords(rank)
     out = {}
     for family, path in paths.items():
         hf_config = AutoConfig.from_pretrained(path)
-        eng = TrainEngine(hf_config, parallel=par, train=TrainConfig(lr=1e-3, grad_clip=1e9), hf_path=path)
+        eng = TrainEngine(hf_config, parallel=par, train=TrainConfig(lr=1e-3, grad_clip=1e9), topo=topo, hf_path=path)
         expected = megatron_rank_tensors(ModelShape.from_hf_config(hf_config), tp=par.tp, pp=par.pp,
                                          tp_rank=c.tp, pp_rank=c.pp)
         got = {n: list(p.shape) for n, p in eng.model[0].module.named_parameters()}
