@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from megatron_rl.errors import LayoutError
 
-class LayoutError(ValueError):
-    """An impossible parallel layout. The message names the field and the fix."""
+__all__ = ["LayoutError", "RankGrid", "TrainCoord"]  # LayoutError lives in megatron_rl.errors
 
 
 @dataclass(frozen=True)

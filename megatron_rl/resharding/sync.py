@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_rl.parallel import collectives as coll
-from megatron_rl.parallel.grid import LayoutError
+from megatron_rl.errors import LayoutError
 from megatron_rl.resharding.executor import Stats, run_plan
 from megatron_rl.resharding.layout import Layout
 from megatron_rl.resharding.planner import Plan, make_plan

@@ -23,9 +23,9 @@ Usage::
 """
 from __future__ import annotations
 
-from megatron_rl.parallel.grid import LayoutError
-from megatron_rl.resharding.layout import (LayerNames, Layout, LocalTensor, ModelShape, layer_tensors, replicated,
-                                           split_blocks)
+from megatron_rl.errors import LayoutError
+from megatron_rl.models.shape import ModelShape
+from megatron_rl.resharding.layout import LayerNames, Layout, LocalTensor, layer_tensors, replicated, split_blocks
 
 VLLM_VOCAB_PADDING = 64  # vllm.model_executor.layers.vocab_parallel_embedding.DEFAULT_VOCAB_PADDING_SIZE
 
