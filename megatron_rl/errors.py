@@ -12,15 +12,42 @@ Every room raises these, so that no room imports another just for an exception c
 """
 from __future__ import annotations
 
+from typing import Optional
+
 
 class ConfigError(ValueError):
     """A configuration that cannot run. The message names the field and the fix."""
 
 
 class LayoutError(ValueError):
-    """An impossible parallel layout. The message names the field and the fix."""
+    """An impossible parallel layout. The message names the field and the fix.
+
+    A layout rule that a config field can break also carries ``field``, ``problem`` and ``fix``,
+    so that config validation, which calls the layout builders instead of restating their rules,
+    turns it into its one line (:func:`config_error_from`)::
+
+        raise LayoutError.of("rollout.tp", f"{tp} does not divide num_attention_heads={heads}",
+                             "choose another rollout.tp")    # "rollout.tp=6 does not divide ..."
+    """
+
+    def __init__(self, message: str, *, field: Optional[str] = None, problem: Optional[str] = None,
+                 fix: Optional[str] = None):
+        super().__init__(message)
+        self.field, self.problem, self.fix = field, problem, fix
+
+    @classmethod
+    def of(cls, field: str, problem: str, fix: str) -> "LayoutError":
+        """``<field>=<problem>; fix: <fix>``, where ``problem`` starts with the field's value."""
+        return cls(f"{field}={problem}; fix: {fix}", field=field, problem=problem, fix=fix)
 
 
 def config_error(field_name: str, problem: str, fix: str) -> ConfigError:
     """The one-line :class:`ConfigError` for ``field_name``."""
     return ConfigError(f"config error: {field_name}: {problem}; fix: {fix}")
+
+
+def config_error_from(err: LayoutError, *, field_name: str, fix: str) -> ConfigError:
+    """A layout rule's failure as one config line; ``field_name``/``fix`` serve an error without parts."""
+    if err.field is None:
+        return config_error(field_name, str(err).split("; fix: ")[0], fix)
+    return config_error(err.field, err.problem, err.fix)

@@ -228,11 +228,14 @@ def megatron_layer_tensors(shape: ModelShape, *, tp: int, tp_rank: int, layer: i
                            te_names: bool = False) -> dict[str, LocalTensor]:
     """The local tensors of one transformer layer at ``tp_rank`` of ``tp``: whole query groups per rank,
     each stored as ``[its q heads | k | v]``."""
-    if shape.kv_heads % tp or shape.heads % tp:
-        raise LayoutError(f"parallel.tp={tp} does not divide num_query_groups={shape.kv_heads} "
-                          f"(heads={shape.heads}); fix: choose a tp that divides the kv heads")
+    if shape.kv_heads % tp or shape.heads % tp:  # whole query groups per rank (then heads divide too)
+        raise LayoutError(f"parallel.tp={tp} does not divide num_query_groups={shape.kv_heads} (heads={shape.heads}); "
+                          "fix: choose a tp that divides the kv heads", field="parallel.tp",
+                          problem=f"{tp} does not divide num_key_value_heads (query groups)={shape.kv_heads}",
+                          fix="choose a parallel.tp that divides the kv heads")
     if shape.ffn % tp:
-        raise LayoutError(f"parallel.tp={tp} does not divide intermediate_size={shape.ffn}; fix: choose another tp")
+        raise LayoutError.of("parallel.tp", f"{tp} does not divide intermediate_size={shape.ffn}",
+                             "choose a parallel.tp that divides intermediate_size")
     ng = shape.kv_heads // tp
     return layer_tensors(shape, names=MEGATRON_TE_LAYER if te_names else MEGATRON_LAYER, layer=layer,
                          local_layer=local_layer, tp=tp, tp_rank=tp_rank, q_heads=range(0),
@@ -243,8 +246,8 @@ def megatron_rank_tensors(shape: ModelShape, *, tp: int, pp: int, tp_rank: int, 
                           vocab_divisible_by: int = 128, te_names: bool = False) -> dict[str, LocalTensor]:
     """Every local tensor of one Megatron (tp_rank, pp_rank), named as ``GPTModel.named_parameters``."""
     if shape.layers % pp:
-        raise LayoutError(f"parallel.pp={pp} does not divide num_hidden_layers={shape.layers}; "
-                          "fix: choose a pp that divides the layer count")
+        raise LayoutError.of("parallel.pp", f"{pp} does not divide num_hidden_layers={shape.layers}",
+                             "choose a parallel.pp that divides the layer count")
     h = shape.hidden
     vp = padded_vocab(shape.vocab, divisible_by=vocab_divisible_by, tp=tp)
     per_stage = shape.layers // pp

@@ -83,8 +83,6 @@ class VllmEngine(RolloutEngine):
             raise EngineStateError("initialise torch.distributed (and megatron parallel state) before VllmEngine")
         self.cfg, self.run_dir, self.timeout = cfg, run_dir, timedelta(seconds=timeout_s)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        if self.world % cfg.tp:
-            raise EngineStateError(f"rollout.tp={cfg.tp} does not divide the world size {self.world}")
         self.replicas, self.replica, self.tp_rank = self.world // cfg.tp, self.rank // cfg.tp, self.rank % cfg.tp
         self.cuda = torch.cuda.is_available()
         self.group = dist.new_group(backend="gloo", timeout=self.timeout)  # control plane, collective
