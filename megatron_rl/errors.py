@@ -33,7 +33,10 @@ class LayoutError(ValueError):
     def __init__(self, message: str, *, field: Optional[str] = None, problem: Optional[str] = None,
                  fix: Optional[str] = None):
         super().__init__(message)
-        self.field, self.problem, self.fix = field, problem, fix
+        self.field = field
+        # A subclass (models.RopeError) may have set problem and fix before calling us.
+        self.problem = problem if problem is not None else getattr(self, "problem", None)
+        self.fix = fix if fix is not None else getattr(self, "fix", None)
 
     @classmethod
     def of(cls, field: str, problem: str, fix: str) -> "LayoutError":
