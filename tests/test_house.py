@@ -146,3 +146,75 @@ def test_cycle_check_catches_a_planted_cycle(tmp_path):
     assert graph["planted.c"] == {"planted.a"} and graph["planted.sub.x"] == set()  # TYPE_CHECKING skipped
     assert graph["planted.d"] == {"planted.sub", "planted.sub.x"}
     assert find_cycles(graph) == [["planted.a", "planted.b"], ["planted.d", "planted.sub"]]
+
+
+SECTIONS = {f.name for f in dataclasses.fields(Config)}
+# `section.key` not inside a longer dotted name (model.layers.0.mlp is a tensor, megatron_rl.train a module)
+# and not a file name (model.safetensors).
+FILE_SUFFIX = r"(?:safetensors|json|jsonl|yaml|parquet|bin|pt|py)\b"
+KEY_PATH = re.compile(r"(?<![\w.])(" + "|".join(sorted(SECTIONS)) + r")\.(?!" + FILE_SUFFIX + r")([A-Za-z_]\w*)"
+                      r"(?![\w.{(\[])")
+
+
+def schema_keys() -> set[str]:
+    return {f"{s.name}.{k.name}" for s in dataclasses.fields(Config) for k in dataclasses.fields(s.type
+            if isinstance(s.type, type) else type(getattr(Config(), s.name)))}
+
+
+def named_key_paths(root: str, package: str) -> dict[str, set[str]]:
+    """``section.key`` -> the files whose string literals (f-string text included) name it."""
+    out: dict[str, set[str]] = {}
+    for path in _modules(root, package).values():
+        with open(path) as f:
+            tree = ast.parse(f.read(), path)
+        docstrings = {id(n.body[0].value) for n in ast.walk(tree)
+                      if isinstance(n, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and n.body
+                      and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+                for m in KEY_PATH.finditer(node.value):
+                    out.setdefault(f"{m.group(1)}.{m.group(2)}", set()).add(os.path.relpath(path, root))
+    return out
+
+
+def test_error_messages_name_only_existing_keys():
+    keys = schema_keys()
+    assert {"sync.bucket_bytes", "sync.verify", "sync.transport", "rollout.tp"} <= keys
+    named = named_key_paths(REPO, "megatron_rl")
+    assert {"rollout.tp", "sync.bucket_bytes", "parallel.tp"} <= set(named)  # the scan sees real messages
+    missing = {k: sorted(v) for k, v in named.items() if k not in keys}
+    assert missing == {}, missing
+
+
+def test_key_check_catches_a_planted_key(tmp_path):
+    pkg = tmp_path / "planted"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text('"""Docs may say sync.nope."""\n')
+    (pkg / "m.py").write_text('def f(n):\n    raise ValueError(f"sync.nope={n} is bad; fix: set sync.bucket_bytes "\n'
+                              '                     "(not model.layers.0.mlp, model.safetensors or megatron_rl.train.lm)")\n')
+    named = named_key_paths(str(tmp_path), "planted")
+    assert set(named) == {"sync.nope", "sync.bucket_bytes"}
+    assert [k for k in named if k not in schema_keys()] == ["sync.nope"]
+
+
+def test_sync_transports_agree():
+    from megatron_rl.config import TRANSPORTS
+    from megatron_rl.resharding import sync
+
+    assert set(TRANSPORTS) == set(sync.TRANSPORTS)
+
+
+def unread_keys(root: str, package: str, keys: set[str]) -> list[str]:
+    """Keys whose name no module outside ``<package>.config`` reads as an attribute (``cfg.sync.verify``)."""
+    attrs = set()
+    for name, path in _modules(root, package).items():
+        if not name.startswith(f"{package}.config"):
+            with open(path) as f:
+                attrs |= {n.attr for n in ast.walk(ast.parse(f.read(), path)) if isinstance(n, ast.Attribute)}
+    return sorted(k for k in keys if k.split(".", 1)[1] not in attrs)
+
+
+def test_every_config_key_is_read():
+    keys = schema_keys()
+    assert unread_keys(REPO, "megatron_rl", keys) == []
+    assert unread_keys(REPO, "megatron_rl", keys | {"sync.never_read_key"}) == ["sync.never_read_key"]  # control
