@@ -35,7 +35,7 @@ import torch
 
 from megatron_rl.algorithms import group_advantages, lr_at
 from megatron_rl.algorithms.grpo import GRPOLoss, RolloutBatch, dp_shards, make_groups, stats_from_sums
-from megatron_rl.config import Config, ConfigError, load_config
+from megatron_rl.config import Config, ConfigError, load_config, validate
 from megatron_rl.parallel import collectives as coll
 from megatron_rl.metrics import (MetricsLogger, PhaseTimer, ascii_curve, length_stats, phase_table,
                                  quiet_other_ranks, reward_gain, reward_stats)
@@ -271,7 +271,8 @@ def setup(cfg: Config, *, hf_config) -> Job:
     shape = ModelShape.from_hf_config(hf_config)
     sync = WeightSync(eng.model, rollout, src_layout=sync_source_layout(eng.model, shape, topo.grid, divisible),
                       dst_layout=vllm_layout(shape, tp=cfg.rollout.tp, world_size=world), timeout=cfg.parallel.timeout_s,
-                      dst_dtype=DTYPES[cfg.rollout_dtype])  # fp32 master weights can feed a bf16 rollout
+                      dst_dtype=DTYPES[cfg.rollout_dtype],  # fp32 master weights can feed a bf16 rollout
+                      bucket_bytes=cfg.sync.bucket_bytes, verify=cfg.sync.verify, transport=cfg.sync.transport)
     return Job(cfg=cfg, rank=rank, world=world, tokenizer=tok, data=data, reward_fn=get_reward(cfg.data.reward),
                eng=eng, rollout=rollout, sync=sync, ref=ref)
 
@@ -406,12 +407,7 @@ def main(argv: Optional[list] = None) -> int:
     quiet_other_ranks(rank)
     try:  # every check runs before any process group exists
         cfg = load_config(args.config, overrides=args.overrides)
-        cfg.check_world(world)
-        cfg.check_files()
-        from transformers import AutoConfig
-
-        hf_config = AutoConfig.from_pretrained(cfg.model.hf_path)
-        cfg.check_hf_config(hf_config)
+        hf_config = validate(cfg, world_size=world, load_hf=True)
         check_supported(cfg)
     except ConfigError as e:
         if rank == 0:

@@ -18,7 +18,8 @@ from megatron_rl.checkpoint import hf as hfio
 from megatron_rl.checkpoint import megatron as mio
 from megatron_rl.models.tiny import make_tiny_model
 from megatron_rl.parallel.grid import RankGrid
-from megatron_rl.resharding.layout import ModelShape, megatron_layout
+from megatron_rl.models.shape import ModelShape
+from megatron_rl.resharding.layout import megatron_layout
 
 pytestmark = pytest.mark.unit
 

@@ -162,7 +162,8 @@ def test_checksum_weights_live_on_the_tensor_device():
 def test_stream_canonical_receives_on_the_group_device(fake_nccl):
     from megatron_rl.checkpoint import megatron as mio
     from megatron_rl.parallel.grid import RankGrid
-    from megatron_rl.resharding.layout import ModelShape, megatron_layout, megatron_rank_tensors
+    from megatron_rl.models.shape import ModelShape
+    from megatron_rl.resharding.layout import megatron_layout, megatron_rank_tensors
 
     shape = ModelShape(hidden=32, heads=2, kv_heads=2, head_dim=16, ffn=64, layers=1, vocab=128)
     layout = megatron_layout(shape, RankGrid(world_size=2, tp=2, pp=1, cp=1))

@@ -271,3 +271,28 @@ def test_rollout_dtype_defaults_to_training_dtype_and_refuses_unknown():
     assert cfg.rollout_dtype == "bfloat16" and cfg.model.dtype == "float32"  # fp32 master, bf16 rollout
     with pytest.raises(ConfigError, match=r"^config error: rollout.dtype: unknown dtype 'float16'; fix: use auto"):
         load_config(None, overrides=["rollout.dtype=float16"])
+
+
+def test_sync_section_defaults_overrides_and_refusals():
+    cfg = load_config()
+    assert (cfg.sync.bucket_bytes, cfg.sync.verify, cfg.sync.transport) == (64 << 20, False, "p2p")
+    cfg = load_config(overrides=["sync.bucket_bytes=1048576", "sync.verify=true"])
+    assert (cfg.sync.bucket_bytes, cfg.sync.verify) == (1 << 20, True)
+    for bad, expected in [("sync.transport=nccl", "config error: sync.transport: unknown transport 'nccl'; fix: use p2p"),
+                          ("sync.bucket_bytes=0", "config error: sync.bucket_bytes: must be >= 1, got 0"),
+                          ("sync.bucket=1", "config error: sync.bucket: unknown key")]:
+        with pytest.raises(ConfigError) as e:
+            load_config(overrides=[bad])
+        assert "\n" not in str(e.value) and str(e.value).startswith(expected), str(e.value)
+
+
+def test_model_checks_come_from_the_layout_builders():
+    """The config states no divisibility rule itself: a rule only the layouts know (rollout.tp must
+    divide intermediate_size; vLLM's padded vocab) reaches the config line too."""
+    hf = _tiny_hf()
+    hf.intermediate_size = 500  # 8 heads, 4 kv heads: rollout.tp=8 divides those, not 500
+    with pytest.raises(ConfigError, match=r"^config error: rollout.tp: 8 does not divide intermediate_size=500; fix: "):
+        load_config(overrides=["rollout.tp=8"]).check_hf_config(hf)
+    with pytest.raises(ConfigError, match=r"^config error: parallel.pp: 3 does not divide num_hidden_layers=4; fix: "):
+        load_config(overrides=["parallel.pp=3"]).check_hf_config(_tiny_hf())
+    load_config(overrides=["rollout.tp=8"]).check_hf_config(_tiny_hf())  # 512 rows: the same degree passes

@@ -6,7 +6,8 @@ import torch
 
 from megatron_rl.models.tiny import tiny_hf_config
 from megatron_rl.parallel.grid import LayoutError, RankGrid
-from megatron_rl.resharding.layout import ModelShape, assemble, disassemble, megatron_layout, padded_vocab
+from megatron_rl.models.shape import ModelShape, padded_vocab
+from megatron_rl.resharding.layout import assemble, disassemble, megatron_layout
 
 pytestmark = pytest.mark.unit
 

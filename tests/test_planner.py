@@ -19,7 +19,8 @@ from _bounds import check_minimal, element_masks, plan_cross_rank_bytes, sync_lo
 from megatron_rl.models.tiny import tiny_hf_config
 from megatron_rl.parallel.grid import LayoutError, RankGrid
 from megatron_rl.resharding.executor import checksum
-from megatron_rl.resharding.layout import ModelShape, assemble, hf_layout, megatron_layout
+from megatron_rl.models.shape import ModelShape
+from megatron_rl.resharding.layout import assemble, hf_layout, megatron_layout
 from megatron_rl.resharding.planner import make_plan
 from megatron_rl.resharding.vllm_layout import vllm_kv_heads, vllm_layout, vllm_padded_vocab
 

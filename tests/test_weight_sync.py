@@ -4,7 +4,8 @@ import torch
 
 from megatron_rl.models.tiny import tiny_hf_config
 from megatron_rl.parallel.grid import RankGrid
-from megatron_rl.resharding.layout import ModelShape, assemble, megatron_layout
+from megatron_rl.models.shape import ModelShape
+from megatron_rl.resharding.layout import assemble, megatron_layout
 from megatron_rl.resharding.sync import WeightSync
 from megatron_rl.resharding.transport import WeightSyncError
 from megatron_rl.resharding.vllm_layout import vllm_layout

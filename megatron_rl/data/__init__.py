@@ -16,7 +16,7 @@ import os
 import random
 from typing import Callable, Optional
 
-from megatron_rl.config import ConfigError
+from megatron_rl.errors import ConfigError
 from megatron_rl.data.synthetic import DEFAULT_REWARD, TASKS, synthetic_rows
 
 __all__ = ["PromptDataset", "load_rows", "read_jsonl", "read_parquet", "synthetic_rows", "TASKS", "DEFAULT_REWARD"]

@@ -20,8 +20,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from megatron_rl.parallel.grid import LayoutError
-from megatron_rl.resharding.layout import ModelShape, padded_vocab
+from megatron_rl.errors import LayoutError
+from megatron_rl.models.shape import ModelShape, padded_vocab
 
 __all__ = ["megatron_config", "layer_spec", "build_gpt", "rope_base", "rope_spec", "rope_inv_freq", "RopeError",
            "ROPE_KEYS", "RECOMPUTE", "te_available"]

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from megatron_rl.errors import LayoutError
 
-class LayoutError(ValueError):
-    """An impossible parallel layout. The message names the field and the fix."""
+__all__ = ["LayoutError", "RankGrid", "TrainCoord"]  # LayoutError lives in megatron_rl.errors
 
 
 @dataclass(frozen=True)
@@ -43,9 +43,12 @@ class RankGrid:
                 raise LayoutError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
         mp = self.tp * self.pp * self.cp
         if self.world_size % mp:
+            degrees = f"tp*pp*cp = {self.tp}*{self.pp}*{self.cp} = {mp}"
             raise LayoutError(
-                f"parallel.tp*pp*cp = {self.tp}*{self.pp}*{self.cp} = {mp} does not divide the world size "
-                f"{self.world_size}; fix: choose degrees whose product divides the number of launched ranks")
+                f"parallel.{degrees} does not divide the world size {self.world_size}; fix: choose degrees whose "
+                "product divides the number of launched ranks", field="parallel.tp/pp/cp",
+                problem=f"{degrees} does not divide world size {self.world_size}",
+                fix="choose degrees whose product divides the world size")
 
     @property
     def dp(self) -> int:
@@ -68,9 +71,10 @@ class RankGrid:
     # -- rollout side ---------------------------------------------------------------------------
 
     def check_rollout_tp(self, rollout_tp: int) -> None:
+        """The one rule for rollout.tp and the world: replicas of ``rollout_tp`` ranks fill it."""
         if rollout_tp < 1 or self.world_size % rollout_tp:
-            raise LayoutError(f"rollout.tp={rollout_tp} does not divide the world size {self.world_size}; "
-                              "fix: choose a rollout.tp that divides the world (replicas fill the rest)")
+            raise LayoutError.of("rollout.tp", f"{rollout_tp} does not divide world size {self.world_size}",
+                                 "choose a rollout.tp that divides the world size (replicas fill the rest)")
 
     def rollout_coords(self, rank: int, *, rollout_tp: int) -> tuple[int, int]:
         """(replica, tp_rank) of ``rank`` in vLLM's external-launcher layout."""

@@ -24,69 +24,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional
+from typing import TYPE_CHECKING, Callable, Iterable, Optional
 
-from megatron_rl.parallel.grid import LayoutError, RankGrid
+from megatron_rl.errors import LayoutError
+# ModelShape, SUPPORTED_ARCHS and padded_vocab live in models/shape.py; importable from here too.
+from megatron_rl.models.shape import SUPPORTED_ARCHS, ModelShape, padded_vocab  # noqa: F401
 
-
-@dataclass(frozen=True)
-class ModelShape:
-    """The few numbers that decide every layout (no framework objects)."""
-
-    hidden: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    ffn: int
-    layers: int
-    vocab: int
-    tied: bool = False
-    qkv_bias: bool = False
-    qk_norm: bool = False
-    arch: str = "LlamaForCausalLM"
-
-    @staticmethod
-    def from_hf_config(cfg) -> "ModelShape":
-        arch = (getattr(cfg, "architectures", None) or [""])[0]
-        if arch not in SUPPORTED_ARCHS:
-            raise LayoutError(f"model architecture {arch!r} is not supported; fix: use one of {sorted(SUPPORTED_ARCHS)}")
-        heads = cfg.num_attention_heads
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-        qkv_bias = bool(getattr(cfg, "attention_bias", False)) or arch == "Qwen2ForCausalLM"
-        return ModelShape(hidden=cfg.hidden_size, heads=heads, kv_heads=getattr(cfg, "num_key_value_heads", heads),
-                          head_dim=head_dim, ffn=cfg.intermediate_size, layers=cfg.num_hidden_layers,
-                          vocab=cfg.vocab_size, tied=bool(getattr(cfg, "tie_word_embeddings", False)),
-                          qkv_bias=qkv_bias, qk_norm=arch == "Qwen3ForCausalLM", arch=arch)
-
-    @property
-    def q_per_group(self) -> int:
-        return self.heads // self.kv_heads
-
-    def canonical_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Every tensor of the HF checkpoint, with its shape (``lm_head`` only when untied)."""
-        h, d = self.hidden, self.head_dim
-        out = {"model.embed_tokens.weight": (self.vocab, h), "model.norm.weight": (h,)}
-        if not self.tied:
-            out["lm_head.weight"] = (self.vocab, h)
-        for i in range(self.layers):
-            p = f"model.layers.{i}."
-            out[p + "input_layernorm.weight"] = (h,)
-            out[p + "post_attention_layernorm.weight"] = (h,)
-            for proj, rows in (("q", self.heads * d), ("k", self.kv_heads * d), ("v", self.kv_heads * d)):
-                out[f"{p}self_attn.{proj}_proj.weight"] = (rows, h)
-                if self.qkv_bias:
-                    out[f"{p}self_attn.{proj}_proj.bias"] = (rows,)
-            if self.qk_norm:
-                out[p + "self_attn.q_norm.weight"] = (d,)
-                out[p + "self_attn.k_norm.weight"] = (d,)
-            out[p + "self_attn.o_proj.weight"] = (h, self.heads * d)
-            out[p + "mlp.gate_proj.weight"] = (self.ffn, h)
-            out[p + "mlp.up_proj.weight"] = (self.ffn, h)
-            out[p + "mlp.down_proj.weight"] = (h, self.ffn)
-        return out
-
-
-SUPPORTED_ARCHS = {"LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"}
+if TYPE_CHECKING:  # annotations only: importing parallel runs its torch-importing __init__
+    from megatron_rl.parallel.grid import RankGrid
 
 
 @dataclass(frozen=True)
@@ -194,16 +139,6 @@ def replicated(name: str, canon: str, shape: tuple[int, ...]) -> LocalTensor:
     return LocalTensor(name, tuple(shape), 0, (Block(0, shape[0], canon, 0),))
 
 
-def padded_vocab(vocab: int, *, divisible_by: int, tp: int) -> int:
-    """Megatron-side padded vocab: a multiple of lcm(divisible_by, tp).
-
-    Unlike Megatron-LM's ``divisible_by * tp``, the result does not change with TP when
-    ``divisible_by`` is a multiple of TP, so checkpoints reshard across TP unchanged.
-    """
-    m = math.lcm(divisible_by, tp)
-    return -(-vocab // m) * m
-
-
 def hf_layout(shape: ModelShape, *, rank: int = 0) -> Layout:
     """The HF checkpoint as a layout: one rank holds every canonical tensor whole."""
     canon = shape.canonical_shapes()
@@ -293,11 +228,14 @@ def megatron_layer_tensors(shape: ModelShape, *, tp: int, tp_rank: int, layer: i
                            te_names: bool = False) -> dict[str, LocalTensor]:
     """The local tensors of one transformer layer at ``tp_rank`` of ``tp``: whole query groups per rank,
     each stored as ``[its q heads | k | v]``."""
-    if shape.kv_heads % tp or shape.heads % tp:
-        raise LayoutError(f"parallel.tp={tp} does not divide num_query_groups={shape.kv_heads} "
-                          f"(heads={shape.heads}); fix: choose a tp that divides the kv heads")
+    if shape.kv_heads % tp or shape.heads % tp:  # whole query groups per rank (then heads divide too)
+        raise LayoutError(f"parallel.tp={tp} does not divide num_query_groups={shape.kv_heads} (heads={shape.heads}); "
+                          "fix: choose a tp that divides the kv heads", field="parallel.tp",
+                          problem=f"{tp} does not divide num_key_value_heads (query groups)={shape.kv_heads}",
+                          fix="choose a parallel.tp that divides the kv heads")
     if shape.ffn % tp:
-        raise LayoutError(f"parallel.tp={tp} does not divide intermediate_size={shape.ffn}; fix: choose another tp")
+        raise LayoutError.of("parallel.tp", f"{tp} does not divide intermediate_size={shape.ffn}",
+                             "choose a parallel.tp that divides intermediate_size")
     ng = shape.kv_heads // tp
     return layer_tensors(shape, names=MEGATRON_TE_LAYER if te_names else MEGATRON_LAYER, layer=layer,
                          local_layer=local_layer, tp=tp, tp_rank=tp_rank, q_heads=range(0),
@@ -308,8 +246,8 @@ def megatron_rank_tensors(shape: ModelShape, *, tp: int, pp: int, tp_rank: int, 
                           vocab_divisible_by: int = 128, te_names: bool = False) -> dict[str, LocalTensor]:
     """Every local tensor of one Megatron (tp_rank, pp_rank), named as ``GPTModel.named_parameters``."""
     if shape.layers % pp:
-        raise LayoutError(f"parallel.pp={pp} does not divide num_hidden_layers={shape.layers}; "
-                          "fix: choose a pp that divides the layer count")
+        raise LayoutError.of("parallel.pp", f"{pp} does not divide num_hidden_layers={shape.layers}",
+                             "choose a parallel.pp that divides the layer count")
     h = shape.hidden
     vp = padded_vocab(shape.vocab, divisible_by=vocab_divisible_by, tp=tp)
     per_stage = shape.layers // pp

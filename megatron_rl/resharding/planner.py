@@ -27,7 +27,7 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from megatron_rl.parallel.grid import LayoutError
+from megatron_rl.errors import LayoutError
 from megatron_rl.resharding.layout import Layout, LocalTensor
 
 

@@ -18,7 +18,8 @@ Usage::
 
     src = megatron_layout(shape, grid)
     dst = vllm_layout(shape, tp=cfg.rollout.tp, world_size=world)
-    ws = WeightSync(model_chunks, engine, src_layout=src, dst_layout=dst, bucket_bytes=64 << 20)
+    ws = WeightSync(model_chunks, engine, src_layout=src, dst_layout=dst, bucket_bytes=cfg.sync.bucket_bytes,
+                    verify=cfg.sync.verify, transport=cfg.sync.transport)
     for step in ...:
         train_step(); ws.sync(); rollout()
 """
@@ -31,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_rl.parallel import collectives as coll
-from megatron_rl.parallel.grid import LayoutError
+from megatron_rl.errors import LayoutError
 from megatron_rl.resharding.executor import Stats, run_plan
 from megatron_rl.resharding.layout import Layout
 from megatron_rl.resharding.planner import Plan, make_plan
@@ -49,8 +50,22 @@ def model_tensors(model_chunks) -> dict[str, torch.Tensor]:
     chunks = model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]
     if len(chunks) > 1:
         raise WeightSyncError("weight sync: virtual pipeline stages (several model chunks) are not supported yet; "
-                              "fix: set parallel.virtual_pp=1")
+                              "fix: build one model chunk per rank (no virtual pipeline)")
     return {_strip(n): p for c in chunks for n, p in c.named_parameters()}
+
+
+# sync.transport -> the transport class (megatron_rl.config.TRANSPORTS lists the same names).
+TRANSPORTS = {"p2p": TorchP2P}
+
+
+def make_transport(transport, *, group=None, timeout: float = 60.0):
+    """A transport by its ``sync.transport`` name, or ``transport`` itself when it is one already."""
+    if not isinstance(transport, str):
+        return transport
+    if transport not in TRANSPORTS:
+        raise WeightSyncError(f"weight sync: unknown transport {transport!r}; fix: set sync.transport to one of "
+                              f"{', '.join(TRANSPORTS)}")
+    return TRANSPORTS[transport](group=group, timeout=timeout)
 
 
 class WeightSync:
@@ -58,7 +73,7 @@ class WeightSync:
 
     def __init__(self, model_chunks, engine, *, src_layout: Layout, dst_layout: Layout, bucket_bytes: int = 64 << 20,
                  rank: Optional[int] = None, group=None, timeout: float = 60.0, dst_dtype: Optional[torch.dtype] = None,
-                 verify: bool = False, transport=None, device=None):
+                 verify: bool = False, transport="p2p", device=None):
         self.rank = dist.get_rank() if rank is None else rank
         self.engine = engine
         self.src = model_tensors(model_chunks) if model_chunks is not None else {}
@@ -66,7 +81,7 @@ class WeightSync:
         self.dst_dtype = dst_dtype or (any_param.dtype if any_param is not None else torch.float32)
         self.device = device or (any_param.device if any_param is not None else "cpu")
         self.verify_each_step = verify
-        self.transport = transport or TorchP2P(group=group, timeout=timeout)
+        self.transport = make_transport(transport or "p2p", group=group, timeout=timeout)
         self.group = group
         self._check_source(src_layout)
         self._check_destination(dst_layout)

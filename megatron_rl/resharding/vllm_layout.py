@@ -23,9 +23,10 @@ Usage::
 """
 from __future__ import annotations
 
-from megatron_rl.parallel.grid import LayoutError, RankGrid
-from megatron_rl.resharding.layout import (LayerNames, Layout, LocalTensor, ModelShape, layer_tensors, replicated,
-                                           split_blocks)
+from megatron_rl.errors import LayoutError
+from megatron_rl.models.shape import ModelShape
+from megatron_rl.parallel.grid import RankGrid
+from megatron_rl.resharding.layout import LayerNames, Layout, LocalTensor, layer_tensors, replicated, split_blocks
 
 VLLM_VOCAB_PADDING = 64  # vllm.model_executor.layers.vocab_parallel_embedding.DEFAULT_VOCAB_PADDING_SIZE
 
@@ -45,7 +46,8 @@ def vllm_padded_vocab(vocab: int, *, tp: int) -> int:
     """vLLM's padded vocab (``pad_vocab_size``); it must split evenly over ``tp``."""
     padded = -(-vocab // VLLM_VOCAB_PADDING) * VLLM_VOCAB_PADDING
     if padded % tp:
-        raise LayoutError(f"rollout.tp={tp} does not divide vLLM's padded vocab {padded}; fix: choose another rollout.tp")
+        raise LayoutError.of("rollout.tp", f"{tp} does not divide vLLM's padded vocab {padded}",
+                             "choose another rollout.tp")
     return padded
 
 
@@ -53,22 +55,29 @@ def vllm_kv_heads(shape: ModelShape, *, tp: int, tp_rank: int) -> list[int]:
     """The kv heads rank ``tp_rank`` holds (one replicated head when ``tp >= kv_heads``)."""
     if tp >= shape.kv_heads:
         if tp % shape.kv_heads:
-            raise LayoutError(f"rollout.tp={tp} is not a multiple of num_key_value_heads={shape.kv_heads}; "
-                              "fix: choose a rollout.tp that divides or is a multiple of the kv heads")
+            raise LayoutError.of("rollout.tp", f"{tp} > num_key_value_heads={shape.kv_heads} but is not a multiple "
+                                 "of it", "choose a rollout.tp that divides, or is a multiple of, the kv heads")
         return [tp_rank // (tp // shape.kv_heads)]
     if shape.kv_heads % tp:
-        raise LayoutError(f"rollout.tp={tp} does not divide num_key_value_heads={shape.kv_heads}; "
-                          "fix: choose a rollout.tp that divides or is a multiple of the kv heads")
+        raise LayoutError.of("rollout.tp", f"{tp} does not divide num_key_value_heads={shape.kv_heads}",
+                             "choose a rollout.tp that divides, or is a multiple of, the kv heads")
     n = shape.kv_heads // tp
     return list(range(tp_rank * n, (tp_rank + 1) * n))
 
 
+def check_vllm_heads(shape: ModelShape, *, tp: int) -> None:
+    """vLLM splits the query heads and the MLP rows evenly over ``tp``."""
+    if shape.heads % tp:
+        raise LayoutError.of("rollout.tp", f"{tp} does not divide num_attention_heads={shape.heads}",
+                             "choose a rollout.tp that divides the attention heads")
+    if shape.ffn % tp:
+        raise LayoutError.of("rollout.tp", f"{tp} does not divide intermediate_size={shape.ffn}",
+                             "choose a rollout.tp that divides intermediate_size")
+
+
 def vllm_layer_tensors(shape: ModelShape, *, tp: int, tp_rank: int, layer: int) -> dict[str, LocalTensor]:
     """The local tensors of decoder layer ``layer`` on vLLM tp rank ``tp_rank``."""
-    if shape.heads % tp:
-        raise LayoutError(f"rollout.tp={tp} does not divide num_attention_heads={shape.heads}; fix: choose another rollout.tp")
-    if shape.ffn % tp:
-        raise LayoutError(f"rollout.tp={tp} does not divide intermediate_size={shape.ffn}; fix: choose another rollout.tp")
+    check_vllm_heads(shape, tp=tp)
     nh = shape.heads // tp
     return layer_tensors(shape, names=VLLM_LAYER, layer=layer, local_layer=layer, tp=tp, tp_rank=tp_rank,
                          q_heads=range(tp_rank * nh, (tp_rank + 1) * nh),
@@ -78,6 +87,7 @@ def vllm_layer_tensors(shape: ModelShape, *, tp: int, tp_rank: int, layer: int) 
 def vllm_rank_tensors(shape: ModelShape, *, tp: int, tp_rank: int) -> dict[str, LocalTensor]:
     """Every parameter of one vLLM tp rank, named as vLLM's ``model.named_parameters()``."""
     h = shape.hidden
+    check_vllm_heads(shape, tp=tp)  # the heads' rule names the problem before the vocab's does
     vp = vllm_padded_vocab(shape.vocab, tp=tp)
     out: dict[str, LocalTensor] = {}
     emb = split_blocks("model.embed_tokens.weight", total=vp, parts=tp, index=tp_rank, valid=shape.vocab)
@@ -97,9 +107,7 @@ def vllm_layout(shape: ModelShape, *, tp: int, world_size: int, replica_ranks: l
     ``replica_ranks`` lists each replica's ranks in tp order; by default vLLM's
     external-launcher order ``rank = replica*tp + tp_rank`` filling the world.
     """
-    if tp < 1 or world_size % tp:
-        raise LayoutError(f"rollout.tp={tp} does not divide the world size {world_size}; fix: choose a rollout.tp "
-                          "that divides the world (replicas fill the rest)")
+    RankGrid(world_size=world_size).check_rollout_tp(tp)
     if replica_ranks is None:
         grid = RankGrid(world_size=world_size)
         replica_ranks = [grid.rollout_ranks(r, rollout_tp=tp) for r in range(world_size // tp)]

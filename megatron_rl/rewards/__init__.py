@@ -20,7 +20,7 @@ import math
 import re
 from typing import Callable, Optional, Sequence
 
-from megatron_rl.config import ConfigError
+from megatron_rl.errors import ConfigError
 
 RewardFn = Callable[..., float]
 

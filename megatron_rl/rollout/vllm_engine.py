@@ -83,8 +83,6 @@ class VllmEngine(RolloutEngine):
             raise EngineStateError("initialise torch.distributed (and megatron parallel state) before VllmEngine")
         self.cfg, self.run_dir, self.topo = cfg, run_dir, topo
         self.rank, self.world = topo.rank, topo.world_size
-        if self.world % cfg.tp:
-            raise EngineStateError(f"rollout.tp={cfg.tp} does not divide the world size {self.world}")
         if topo.rollout.tp != cfg.tp:
             raise EngineStateError(f"rollout.tp={cfg.tp} but the topology was built for rollout tp "
                                    f"{topo.rollout.tp}; fix: init_distributed(..., rollout_tp=cfg.rollout.tp)")

@@ -1,10 +1,11 @@
 """Checks a launch script runs before it starts torchrun; each failure is one clear line.
 
-Checked here, in well under a second and without importing torch:
+Checked here, without any process group (the config's layout rules live in
+:class:`megatron_rl.parallel.grid.RankGrid`; importing it runs ``megatron_rl.parallel``, which imports torch):
 
 - ``NNODES`` and ``NPROC_PER_NODE`` are positive integers;
 - ``CONFIG`` exists and loads (with the overrides), and ``NPROC_PER_NODE x NNODES`` agrees
-  with the config's world size and degrees (:meth:`Config.check_world`);
+  with the config's world size and degrees (:func:`megatron_rl.config.validate`, without files or the model);
 - the rendezvous endpoint: the node that hosts it (``NODE_RANK=0``, or whichever node owns
   ``MASTER_ADDR``) can bind ``MASTER_ADDR:MASTER_PORT``; every other node can connect to it
   within ``--wait`` seconds (a bounded wait, then an error).
@@ -40,7 +41,7 @@ def _positive_int(name: str, raw: str, *, fix: str) -> int:
 
 
 def _check_config(path: str, overrides: list, *, nnodes: int, nproc: int):
-    from megatron_rl.config import ConfigError, load_config
+    from megatron_rl.config import ConfigError, load_config, validate
 
     if not os.path.isfile(path):
         raise LaunchError(f"CONFIG={path!r}: file does not exist; fix: set CONFIG to an existing YAML file "
@@ -48,7 +49,7 @@ def _check_config(path: str, overrides: list, *, nnodes: int, nproc: int):
     world = nnodes * nproc
     try:
         cfg = load_config(path, overrides=overrides)
-        cfg.check_world(world)
+        validate(cfg, world_size=world, files=False)  # paths are the ranks' to check, on their nodes
     except ConfigError as e:
         raise LaunchError(f"NPROC_PER_NODE={nproc} x NNODES={nnodes} = {world} ranks with CONFIG={path}: {e}") from None
     return cfg

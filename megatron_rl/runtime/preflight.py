@@ -126,7 +126,7 @@ def _preflight(rt: RankRuntime, cfg) -> int:
 
 
 def main(argv=None) -> int:
-    from megatron_rl.config import ConfigError, load_config
+    from megatron_rl.config import ConfigError, load_config, validate
 
     ap = argparse.ArgumentParser(prog="megatron-rl preflight", description=__doc__.splitlines()[0])
     ap.add_argument("--config", default=None, help="YAML config (defaults if omitted)")
@@ -135,7 +135,7 @@ def main(argv=None) -> int:
     world = int(os.environ.get("WORLD_SIZE", 1))
     try:
         cfg = load_config(args.config, overrides=args.overrides)
-        cfg.check_world(world)
+        validate(cfg, world_size=world, files=False)
     except ConfigError as e:
         print(f"preflight error: world size {world}: {e}", file=sys.stderr, flush=True)
         return 2

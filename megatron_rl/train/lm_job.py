@@ -22,6 +22,7 @@ import torch
 
 from megatron_rl.checkpoint import CheckpointError
 from megatron_rl.config import ConfigError, load_config
+from megatron_rl.config import validate as validate_config
 from megatron_rl.parallel.grid import LayoutError
 
 
@@ -46,16 +47,7 @@ def validate(args, cfg, world: int, hf_config) -> int:
         from megatron_rl.checkpoint.megatron import read_meta
 
         read_meta(args.load)  # one clear error for a missing or incomplete checkpoint
-    cfg.check_world(world)
-    from megatron_rl.models import RopeError, rope_spec  # function-level: megatron_rl.models imports torch
-
-    try:
-        rope_spec(hf_config)  # an unsupported RoPE fails here, before any process group
-    except RopeError as e:
-        raise ConfigError(f"config error: model.hf_path: {cfg.model.hf_path} config.json: {e.problem}; fix: {e.fix}")
-    cfg.check_model(num_attention_heads=hf_config.num_attention_heads,
-                    num_key_value_heads=getattr(hf_config, "num_key_value_heads", hf_config.num_attention_heads),
-                    vocab_size=hf_config.vocab_size, num_layers=hf_config.num_hidden_layers)
+    validate_config(cfg, world_size=world, hf_config=hf_config, files=False)  # the world, RoPE and the layouts
     p = cfg.parallel
     if args.seq_len % (2 * p.cp if p.cp > 1 else 1) or (p.sequence_parallel and args.seq_len % p.tp):
         raise ConfigError(f"config error: --seq-len: {args.seq_len} must be divisible by 2*parallel.cp={2 * p.cp} "

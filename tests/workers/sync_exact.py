@@ -26,7 +26,8 @@ import torch.distributed as dist  # noqa: E402
 from _bounds import plan_cross_rank_bytes, sync_lower_bound  # noqa: E402
 from _launch import write_result  # noqa: E402
 
-from megatron_rl.resharding.layout import ModelShape, assemble, megatron_layout  # noqa: E402
+from megatron_rl.models.shape import ModelShape  # noqa: E402
+from megatron_rl.resharding.layout import assemble, megatron_layout  # noqa: E402
 from megatron_rl.resharding.sync import WeightSync  # noqa: E402
 from megatron_rl.resharding.transport import TorchP2P  # noqa: E402
 from megatron_rl.resharding.vllm_layout import vllm_layout  # noqa: E402

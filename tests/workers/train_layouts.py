@@ -18,7 +18,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from _launch import write_result  # noqa: E402
 from megatron_rl.config import ParallelConfig, TrainConfig
 from megatron_rl.parallel import destroy_distributed, init_distributed
-from megatron_rl.resharding.layout import ModelShape, megatron_rank_tensors
+from megatron_rl.models.shape import ModelShape
+from megatron_rl.resharding.layout import megatron_rank_tensors
 from megatron_rl.train.engine import TrainEngine
 from megatron_rl.train.lm import synthetic_batches
 
