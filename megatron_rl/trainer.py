@@ -40,6 +40,7 @@ from megatron_rl.parallel import collectives as coll
 from megatron_rl.metrics import (MetricsLogger, PhaseTimer, ascii_curve, length_stats, phase_table,
                                  quiet_other_ranks, reward_gain, reward_stats)
 from megatron_rl.resharding.layout import uses_te_names
+from megatron_rl.resharding.planner import UNBOUNDED
 from megatron_rl.rewards import compute_rewards, get_reward
 from megatron_rl.runtime.resources import resource_metrics
 
@@ -272,9 +273,17 @@ def setup(cfg: Config, *, hf_config) -> Job:
     sync = WeightSync(eng.model, rollout, src_layout=sync_source_layout(eng.model, shape, topo.grid, divisible),
                       dst_layout=vllm_layout(shape, tp=cfg.rollout.tp, world_size=world), timeout=cfg.parallel.timeout_s,
                       dst_dtype=DTYPES[cfg.rollout_dtype],  # fp32 master weights can feed a bf16 rollout
-                      bucket_bytes=cfg.sync.bucket_bytes, verify=cfg.sync.verify, transport=cfg.sync.transport)
+                      bucket_bytes=cfg.sync.bucket_bytes, staging_bytes=staging_bytes(cfg), verify=cfg.sync.verify,
+                      transport=cfg.sync.transport)
     return Job(cfg=cfg, rank=rank, world=world, tokenizer=tok, data=data, reward_fn=get_reward(cfg.data.reward),
                eng=eng, rollout=rollout, sync=sync, ref=ref)
+
+
+def staging_bytes(cfg: Config) -> int:
+    """``sync.staging_bytes``, with 0 resolved (see :class:`megatron_rl.config.SyncConfig`)."""
+    if cfg.sync.staging_bytes:
+        return cfg.sync.staging_bytes
+    return UNBOUNDED if cfg.rollout.weights_release == "discard" else cfg.sync.bucket_bytes
 
 
 def score(job: Job, rows: list, batch: RolloutBatch) -> list[float]:

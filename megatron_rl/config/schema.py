@@ -221,12 +221,18 @@ class TrainConfig:
 class SyncConfig:
     """Live weight sync, trainer -> rollout (:class:`megatron_rl.resharding.sync.WeightSync`)."""
 
-    bucket_bytes: int = 64 << 20  # per rank and bucket: bytes sent, written and staged (the planner's bound)
+    bucket_bytes: int = 64 << 20  # per rank and bucket: bytes written, and the transfer buffers (the planner's bound)
+    # Destination shards a rank may hold open (staged, not yet complete) at once. 0: automatic:
+    # no bound with rollout.weights_release=discard (a staged shard IS the new weight, handed to
+    # vLLM without a copy), bucket_bytes with offload (a staged shard is a copy beside vLLM's).
+    staging_bytes: int = 0
     verify: bool = False  # compare per-slice checksums after every sync (one small all-reduce each)
     transport: str = "p2p"  # p2p: torch.distributed batch_isend_irecv (the one transport today)
 
     def __post_init__(self):
         _positive("sync", bucket_bytes=self.bucket_bytes)
+        if self.staging_bytes < 0:
+            _fail("sync.staging_bytes", f"must be >= 0, got {self.staging_bytes}", "use 0 (automatic) or a byte count")
         if self.transport not in TRANSPORTS:
             _fail("sync.transport", f"unknown transport {self.transport!r}", "use " + " or ".join(TRANSPORTS))
 

@@ -73,7 +73,7 @@ class WeightSync:
 
     def __init__(self, model_chunks, engine, *, src_layout: Layout, dst_layout: Layout, bucket_bytes: int = 64 << 20,
                  rank: Optional[int] = None, group=None, timeout: float = 60.0, dst_dtype: Optional[torch.dtype] = None,
-                 verify: bool = False, transport="p2p", device=None):
+                 verify: bool = False, transport="p2p", device=None, staging_bytes: Optional[int] = None):
         self.rank = dist.get_rank() if rank is None else rank
         self.engine = engine
         self.src = model_tensors(model_chunks) if model_chunks is not None else {}
@@ -87,7 +87,8 @@ class WeightSync:
         self._check_destination(dst_layout)
         elem = torch.empty((), dtype=self.dst_dtype).element_size()
         try:
-            self.plan: Plan = make_plan(src_layout, dst=dst_layout, bucket_bytes=bucket_bytes, elem_size=elem)
+            self.plan: Plan = make_plan(src_layout, dst=dst_layout, bucket_bytes=bucket_bytes, elem_size=elem,
+                                        staging_bytes=staging_bytes)
         except LayoutError as e:
             raise WeightSyncError(f"weight sync: {e}") from e
         self.last_stats: Optional[Stats] = None
