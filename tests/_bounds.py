@@ -60,3 +60,51 @@ def check_minimal(plan, src, dst) -> int:
     assert carried == bound, f"plan ops carry {carried} bytes across ranks; the independent lower bound is {bound}"
     assert plan.bytes_moved == bound, f"plan.bytes_moved={plan.bytes_moved} != independent lower bound {bound}"
     return bound
+
+
+def _slabs(layout) -> dict:
+    """rank -> canon -> [(dim, start, end)]: the slabs (``dim`` cut, every other dim whole) held."""
+    out: dict = defaultdict(lambda: defaultdict(list))
+    for rank, tensors in layout.ranks.items():
+        for lt in tensors.values():
+            for b in lt.blocks:
+                out[rank][b.canon].append((lt.dim, b.canon_start, b.canon_start + b.length))
+    return out
+
+
+def _union(intervals: list) -> list:
+    merged: list = []
+    for a, e in sorted(intervals):
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], e)
+        else:
+            merged.append([a, e])
+    return merged
+
+
+def slab_lower_bound(src, dst, *, elem_size: int) -> int:
+    """The same figure as :func:`sync_lower_bound`, by interval arithmetic instead of masks, so
+    real model sizes fit in memory: per destination rank and canonical tensor, the needed slabs
+    minus those held on that rank. A held slab along another dim counts only when it is the whole
+    tensor (the layouts never mix cuts otherwise; anything else raises)."""
+    held, needed = _slabs(src), _slabs(dst)
+    total = 0
+    for rank, canons in needed.items():
+        for canon, slabs in canons.items():
+            shape = dst.canon_shapes[canon]
+            (dim,) = {d for d, _, _ in slabs}
+            have = []
+            for d, a, e in held.get(rank, {}).get(canon, []):
+                if d == dim:
+                    have.append((a, e))
+                elif (a, e) == (0, shape[d]):
+                    have.append((0, shape[dim]))
+                else:
+                    raise AssertionError(f"{canon}: held along dim {d}, needed along dim {dim}")
+            need = _union([(a, e) for _, a, e in slabs])
+            have = _union(have)
+            rows = sum(e - a for a, e in need)
+            for a, e in need:
+                rows -= sum(max(0, min(e, y) - max(a, x)) for x, y in have)
+            total += rows * (math.prod(shape) // shape[dim]) * elem_size
+    return total
