@@ -279,11 +279,12 @@ def setup(cfg: Config, *, hf_config) -> Job:
                eng=eng, rollout=rollout, sync=sync, ref=ref)
 
 
-def staging_bytes(cfg: Config) -> int:
-    """``sync.staging_bytes``, with 0 resolved (see :class:`megatron_rl.config.SyncConfig`)."""
+def staging_bytes(cfg: Config) -> Optional[int]:
+    """``sync.staging_bytes`` with 0 resolved (see :class:`megatron_rl.config.SyncConfig`); None:
+    the planner's default."""
     if cfg.sync.staging_bytes:
         return cfg.sync.staging_bytes
-    return UNBOUNDED if cfg.rollout.weights_release == "discard" else cfg.sync.bucket_bytes
+    return UNBOUNDED if cfg.rollout.weights_release == "discard" else None
 
 
 def score(job: Job, rows: list, batch: RolloutBatch) -> list[float]:

@@ -224,7 +224,7 @@ class SyncConfig:
     bucket_bytes: int = 64 << 20  # per rank and bucket: bytes written, and the transfer buffers (the planner's bound)
     # Destination shards a rank may hold open (staged, not yet complete) at once. 0: automatic:
     # no bound with rollout.weights_release=discard (a staged shard IS the new weight, handed to
-    # vLLM without a copy), bucket_bytes with offload (a staged shard is a copy beside vLLM's).
+    # vLLM without a copy), bucket_bytes / 2 with offload (a staged shard is a copy beside vLLM's).
     staging_bytes: int = 0
     verify: bool = False  # compare per-slice checksums after every sync (one small all-reduce each)
     transport: str = "p2p"  # p2p: torch.distributed batch_isend_irecv (the one transport today)

@@ -1,18 +1,21 @@
 """The pure weight-sync planner: match two layouts, emit bucketed shard-to-shard copies.
 
 No process group, no device and no I/O: the plan depends only on the two layouts, the
-bucket size and the element size, and is cached on them.
+bucket size, the element size and the staging bound, and is cached on them.
 
 Every destination block (a run of a canonical tensor along one dim) is cut at every
-boundary of the source runs that cover it; each piece is taken from a source on the same
-rank when one exists (a local copy), otherwise from the least-loaded source replica
-(DP/CP replicas, and TP ranks for replicated norms, are all candidates). So the bytes the
-plan moves between ranks equal, by construction, ``lower_bound``: the destination bytes
-that no source holds on the destination's own rank (computed separately from the choice).
+boundary of the source runs that cover it. A piece held on the destination's own rank is a
+local copy; otherwise its rows are shared evenly among the identical source replicas that hold
+it (DP/CP replicas, and TP ranks for replicated norms), so every replica sends the same share.
+The bytes the plan moves between ranks therefore equal ``lower_bound``: the destination bytes
+that no source holds on the destination's own rank (summed where the pieces are cut, before
+any sender or bucket is chosen).
 
-Ops are ordered by destination tensor, interleaving ranks, and cut into buckets so that no
-rank sends more than ``bucket_bytes``, writes more than ``bucket_bytes``, or holds more than
-``bucket_bytes`` of staging and packing buffers per bucket (see :class:`_Budget`).
+Buckets keep every link busy (see :class:`_Scheduler`): each destination works its tensors
+from four places at once, starting where the senders' demand is lowest, and each bucket is
+filled most-urgent-first under a per-rank pace (a quarter bucket sent and received), the
+bucket bound on bytes written and on transfer buffers, and the staging bound
+(:class:`_Budget`). :func:`sync_cost` gives the plan's time under a simple link model.
 
 Usage::
 
@@ -508,12 +511,14 @@ def _freeze(lay: Layout):
 def make_plan(src: Layout, *, dst: Layout, bucket_bytes: int, elem_size: int, staging_bytes: Optional[int] = None) -> Plan:
     """The cached plan from ``src`` (training) to ``dst`` (rollout).
 
-    ``staging_bytes`` (default ``bucket_bytes``) bounds the destination shards each rank has
-    open (staged, not yet complete) at once; a rank may always open one."""
+    ``staging_bytes`` (default half of ``bucket_bytes``) bounds the destination shards each rank
+    has open (staged, not yet complete) at once; a rank may always open one. With the transfer
+    buffers (at most ``bucket_bytes`` per bucket, one bucket in flight while the next is packed)
+    that keeps a rank's extra memory near 2 x ``bucket_bytes`` when no shard is larger."""
     if bucket_bytes < 1 or elem_size < 1:
         raise LayoutError(f"sync.bucket_bytes={bucket_bytes} and elem_size={elem_size} must be positive")
     return _cached_plan(_Frozen(src), _Frozen(dst), bucket_bytes, elem_size,
-                        bucket_bytes if staging_bytes is None else staging_bytes)
+                        bucket_bytes // 2 if staging_bytes is None else staging_bytes)
 
 
 class _Frozen:
