@@ -296,6 +296,20 @@ def score(job: Job, rows: list, batch: RolloutBatch) -> list[float]:
                            samples=[r for r in rows for _ in range(G)], response_ids=flat_ids)
 
 
+def end_step(cfg: Config, job: Job, log, rt, *, step: int, metrics: dict, history: list) -> None:
+    """After a step: its metrics line, the phase table, and the checkpoint when one is due."""
+    L, last = cfg.logging, step == cfg.train.steps - 1
+    if step % L.log_every == 0 or last:
+        log.log(step, metrics)
+    if L.phase_table and (step % L.table_every == 0 or last):
+        log.print(f"step {step}: reward {metrics['reward/mean']:.3f} loss {metrics['loss']:.4f} "
+                  f"|dlogp| {metrics['mismatch/abs_mean']:.2e}\n{phase_table(metrics)}")
+    every = cfg.checkpoint.save_every
+    if cfg.checkpoint.dir and (last or (every and (step + 1) % every == 0)):
+        with rt.phase("checkpoint"):
+            save_state(cfg, job.eng, step=step, data=job.data, rewards=history)
+
+
 def train(cfg: Config, *, hf_config, rt=None) -> dict:
     """Run the whole job on this rank; returns the reward curve summary (same on every rank).
 
@@ -341,15 +355,7 @@ def train(cfg: Config, *, hf_config, rt=None) -> dict:
                    **length_stats(batch.flat_lengths(), max_new_tokens=cfg.rollout.max_new_tokens),
                    **out, **timer.step_metrics(), **resource_metrics()}
         history.append(metrics["reward/mean"])
-        if step % L.log_every == 0 or step == t.steps - 1:
-            log.log(step, metrics)
-        if L.phase_table and (step % L.table_every == 0 or step == t.steps - 1):
-            log.print(f"step {step}: reward {metrics['reward/mean']:.3f} loss {metrics['loss']:.4f} "
-                      f"|dlogp| {metrics['mismatch/abs_mean']:.2e}\n{phase_table(metrics)}")
-        if cfg.checkpoint.dir and (step == t.steps - 1 or (cfg.checkpoint.save_every
-                                                          and (step + 1) % cfg.checkpoint.save_every == 0)):
-            with rt.phase("checkpoint"):
-                save_state(cfg, eng, step=step, data=job.data, rewards=history)
+        end_step(cfg, job, log, rt, step=step, metrics=metrics, history=history)
     first, last, gain = reward_gain(history) if history else (0.0, 0.0, 0.0)
     log.print(f"mean reward per step:\n{ascii_curve(history)}\n"
               f"reward first 20%: {first:.4f}  last 20%: {last:.4f}  gain: {gain:+.4f}")
