@@ -73,7 +73,7 @@ def _init():
                      tie_word_embeddings=False, attention_bias=False, mlp_bias=False)
     hf.architectures = ["LlamaForCausalLM"]
     par = ParallelConfig()
-    init_distributed(par, hf_config=hf, seed=0)
+    init_distributed(par, seed=0)
     (model,) = build_gpt(hf, parallel=par, dtype=torch.float32, vocab_divisible_by=128,
                          core_attention=SharedPrefixCoreAttention)
     enable_shared_prefix(model)

@@ -127,7 +127,7 @@ def worker(args):
     size = SIZES["quick" if args.quick else "full"]
     hf_config = AutoConfig.from_pretrained(args.model_dir)
     parallel = ParallelConfig(tp=4, pp=1, timeout_s=600)
-    topo = init_distributed(parallel, hf_config=hf_config, rollout_tp=2)
+    topo = init_distributed(parallel, rollout_tp=2)
     grid, rank, world = topo.grid, topo.rank, topo.world_size
     chunks = build_gpt(hf_config, parallel=parallel, topo=topo)
     from megatron.core import parallel_state as ps

@@ -32,17 +32,30 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from transformers import AutoConfig, AutoTokenizer
 
 from megatron_rl.algorithms import group_advantages, lr_at
 from megatron_rl.algorithms.grpo import GRPOLoss, RolloutBatch, dp_shards, make_groups, stats_from_sums
 from megatron_rl.config import Config, ConfigError, load_config, validate
+from megatron_rl.data import PromptDataset
+from megatron_rl.metrics import (MetricsLogger, PhaseTimer, ascii_curve, length_stats, phase_table, quiet_other_ranks,
+                                 reward_gain, reward_stats)
 from megatron_rl.parallel import collectives as coll
-from megatron_rl.metrics import (MetricsLogger, PhaseTimer, ascii_curve, length_stats, phase_table,
-                                 quiet_other_ranks, reward_gain, reward_stats)
-from megatron_rl.resharding.layout import uses_te_names
+from megatron_rl.parallel import destroy_distributed, init_distributed
+from megatron_rl.resharding.layout import ModelShape, megatron_layout, uses_te_names
 from megatron_rl.resharding.planner import UNBOUNDED
+from megatron_rl.resharding.sync import WeightSync, model_tensors
+from megatron_rl.resharding.vllm_layout import vllm_layout
 from megatron_rl.rewards import compute_rewards, get_reward
+from megatron_rl.rollout.base import Sampling
+from megatron_rl.rollout.vllm_engine import VllmEngine
+from megatron_rl.runtime import run_rank
+from megatron_rl.runtime.rank import restart_count
+from megatron_rl.runtime.report import restart_line
 from megatron_rl.runtime.resources import resource_metrics
+from megatron_rl.train.engine import TrainEngine
+from megatron_rl.train.reference import ReferenceModel, reference_path
+
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -53,7 +66,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def start_rollout(cfg: Config, *, topo):
     """The vLLM engine of this rank (created after the process groups, as vLLM requires)."""
-    from megatron_rl.rollout.vllm_engine import VllmEngine
 
     return VllmEngine(cfg.model.hf_path, cfg=cfg.rollout, topo=topo, run_dir=cfg.logging.run_dir,
                       dtype=cfg.rollout_dtype)
@@ -66,7 +78,6 @@ def generate(engine, cfg: Config, *, prompt_ids: list, step: int) -> RolloutBatc
     prefix-cached) and the engine's per-prompt seeds ``seed + i`` depend only on (seed, step):
     a resumed run draws the same samples whatever the layout.
     """
-    from megatron_rl.rollout.base import Sampling
 
     r, G = cfg.rollout, cfg.algorithm.group_size
     flat = [p for p in prompt_ids for _ in range(G)]
@@ -100,7 +111,8 @@ def train_step(eng, cfg: Config, batch: RolloutBatch, advantages: torch.Tensor, 
     as phase "ref" by ``phase`` (a ``phase(name)`` context-manager factory) when given. The
     layout comes from ``eng.topo``.
     """
-    from megatron_rl.attention import make_batches, make_forward_fn
+    from megatron_rl.attention import make_batches, make_forward_fn  # lazy: keeps vLLM/megatron out of CLI start-up
+    # lazy: keeps vLLM/megatron out of CLI start-up
     from megatron_rl.attention.packing import group_tokens, naive_tokens
 
     if cfg.algorithm.kl_coef > 0 and ref is None:
@@ -141,6 +153,7 @@ def train_step(eng, cfg: Config, batch: RolloutBatch, advantages: torch.Tensor, 
 def _logprobs(model, shards: list, mb_batches: list, *, topo) -> dict:
     """``{(global group, response): (R,)}`` log-probs of ``model`` (the engine before any update,
     or the reference: anything with ``forward(batches, forward_fn=...)``) on the last PP stage."""
+    # lazy: keeps vLLM/megatron out of CLI start-up
     from megatron_rl.attention import collect_logprobs, make_forward_fn, pg_loss
 
     out = {}
@@ -164,7 +177,6 @@ def make_reference(cfg: Config, *, hf_config, topo):
     """
     if cfg.algorithm.kl_coef <= 0:
         return None
-    from megatron_rl.train.reference import ReferenceModel, reference_path
 
     return ReferenceModel(hf_config, parallel=cfg.parallel, topo=topo, hf_path=reference_path(cfg.algorithm,
                           model_path=cfg.model.hf_path), store_dir=os.path.join(cfg.logging.run_dir, "reference"),
@@ -207,8 +219,6 @@ def resume_state(cfg: Config, eng, *, data) -> tuple[int, list]:
 def log_restart(cfg: Config, *, rank: int, start: int) -> None:
     """After a torchrun restart (MAX_RESTARTS), rank 0 logs one line: the restart, the rank that
     died in the previous attempt (from its records) and the step this attempt resumes from."""
-    from megatron_rl.runtime.rank import restart_count
-    from megatron_rl.runtime.report import restart_line
 
     attempt = restart_count()
     if attempt > 0 and rank == 0:
@@ -239,8 +249,6 @@ class Job:
 def sync_source_layout(chunks, shape, grid, vocab_divisible_by: int):
     """Megatron's layout as the built model names it: under Transformer Engine the norms are
     fused into the next linear and carry TE's names (the same spec runs on every rank)."""
-    from megatron_rl.resharding.layout import megatron_layout
-    from megatron_rl.resharding.sync import model_tensors
 
     return megatron_layout(shape, grid, vocab_divisible_by=vocab_divisible_by,
                            te_names=uses_te_names(model_tensors(chunks)))
@@ -248,15 +256,9 @@ def sync_source_layout(chunks, shape, grid, vocab_divisible_by: int):
 
 def setup(cfg: Config, *, hf_config) -> Job:
     """Process groups, then the trainer, then vLLM (it must find the world already set up)."""
-    from transformers import AutoTokenizer
 
+    # lazy: keeps vLLM/megatron out of CLI start-up
     from megatron_rl.attention import SharedPrefixCoreAttention, enable_shared_prefix
-    from megatron_rl.data import PromptDataset
-    from megatron_rl.parallel import init_distributed
-    from megatron_rl.resharding.layout import ModelShape
-    from megatron_rl.resharding.sync import WeightSync
-    from megatron_rl.resharding.vllm_layout import vllm_layout
-    from megatron_rl.train.engine import TrainEngine
 
     topo = init_distributed(cfg.parallel, seed=cfg.train.seed, rollout_tp=cfg.rollout.tp)
     rank, world = topo.rank, topo.world_size
@@ -316,7 +318,6 @@ def train(cfg: Config, *, hf_config, rt=None) -> dict:
     ``rt`` (a :class:`megatron_rl.runtime.RankRuntime`) names the phase of any failure and
     bounds every phase by ``parallel.timeout_s`` (start-up by twice that).
     """
-    from megatron_rl.parallel import destroy_distributed
 
     rt = rt or _NoRuntime()
     with rt.phase("setup", timeout_s=2 * cfg.parallel.timeout_s):
@@ -402,10 +403,6 @@ def check_supported(cfg: Config) -> None:
     """Checks this loop adds to the config's own: fail before any work (one line naming the field)."""
     a = cfg.algorithm
     if a.kl_coef > 0 and a.ref_hf_path and os.path.abspath(a.ref_hf_path) != os.path.abspath(cfg.model.hf_path):
-        from transformers import AutoConfig
-
-        from megatron_rl.resharding.layout import ModelShape
-
         want = vars(ModelShape.from_hf_config(AutoConfig.from_pretrained(cfg.model.hf_path)))
         got = vars(ModelShape.from_hf_config(AutoConfig.from_pretrained(a.ref_hf_path)))
         diff = ", ".join(f"{k} {got[k]} != {want[k]}" for k in want if got[k] != want[k])
@@ -429,7 +426,6 @@ def main(argv: Optional[list] = None) -> int:
         if rank == 0:
             print(e, file=sys.stderr)
         return 2
-    from megatron_rl.runtime import run_rank
 
     def job(rt) -> int:
         train(cfg, hf_config=hf_config, rt=rt)

@@ -23,6 +23,7 @@ import torch
 
 from megatron_rl.algorithms.losses import reduce_parts, token_objective
 
+
 # Statistic sums kept by GRPOLoss, in this order (the trainer all-reduces them as one tensor).
 STAT_KEYS = ("loss_num", "loss_den", "pg_num", "kl_num", "clip_num", "tisw_num", "tiscap_num",
              "mm_abs_sum", "mm_k1_sum", "mm_k3_sum", "mm_tokens")
@@ -70,7 +71,7 @@ def make_groups(batch: RolloutBatch, advantages: torch.Tensor, *, indices: Seque
 
     ``advantages`` is ``(N*G,)``; each response gets its own scalar.
     """
-    from megatron_rl.attention.packing import Group
+    from megatron_rl.attention.packing import Group  # lazy: keeps vLLM/megatron out of CLI start-up
 
     g_size = batch.group_size
     adv = advantages.reshape(-1, g_size).tolist()  # (N, G)
@@ -103,7 +104,7 @@ class GRPOLoss:
         return torch.cat([table[k] for k in keys]).to(device=like.device, dtype=like.dtype)  # (N_local,)
 
     def __call__(self, logp: torch.Tensor, local):
-        from megatron_rl.attention.step import padded
+        from megatron_rl.attention.step import padded  # lazy: keeps vLLM/megatron out of CLI start-up
 
         keys = [(self.key_of(int(g)), int(i)) for g, i in local.response_keys]
         if not keys:  # a CP rank may hold no response tokens: a zero that keeps the graph

@@ -191,7 +191,7 @@ def enable_shared_prefix(chunks) -> None:
 
     ``chunks``: a model or a list of model chunks (possibly DDP-wrapped). Idempotent.
     """
-    from megatron.core.transformer.attention import Attention
+    from megatron.core.transformer.attention import Attention  # lazy: keeps vLLM/megatron out of CLI start-up
 
     for chunk in chunks if isinstance(chunks, (list, tuple)) else [chunks]:
         gpt = unwrap(chunk)

@@ -21,6 +21,8 @@ from __future__ import annotations
 import functools
 
 import torch
+from torch.nn.attention import flex_attention as fa
+
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
@@ -157,7 +159,6 @@ def flex_attention_plan(q, k, v, *, block_mask, scale: float) -> torch.Tensor:
 def _compiled(name: str, dynamic):
     """``torch.compile`` of a flex_attention function (``dynamic=None``: the first shape compiles
     static, the first change of shape recompiles with dynamic lengths, then no more)."""
-    from torch.nn.attention import flex_attention as fa
 
     return torch.compile(getattr(fa, name), dynamic=dynamic)
 

@@ -11,6 +11,7 @@ import json
 import sys
 
 import torch
+from transformers import AutoModelForCausalLM
 
 from megatron_rl.checkpoint import CheckpointError
 from megatron_rl.checkpoint.hf import open_hf
@@ -18,7 +19,6 @@ from megatron_rl.checkpoint.hf import open_hf
 
 def compare(a_dir: str, b_dir: str, *, tokens: torch.Tensor) -> dict:
     """Figures for ``b`` against ``a`` (same architecture and shapes required)."""
-    from transformers import AutoModelForCausalLM
 
     a, b = open_hf(a_dir), open_hf(b_dir)
     if a.shape != b.shape:

@@ -28,7 +28,15 @@ import shutil
 import subprocess
 import sys
 
+import torch.distributed as dist
+
 from megatron_rl.checkpoint import CheckpointError
+from megatron_rl.checkpoint import hf as hfio
+from megatron_rl.checkpoint import megatron as mio
+from megatron_rl.checkpoint import spmd
+from megatron_rl.parallel.grid import LayoutError, RankGrid
+from megatron_rl.resharding.layout import megatron_layout
+
 
 # torch-importing modules (hf, megatron, spmd) are imported inside functions: --help stays instant.
 
@@ -76,9 +84,6 @@ def parse_args(argv):
 
 
 def check_layout(shape, *, tp: int, pp: int, vocab_divisible_by: int = 128) -> RankGrid:
-    from megatron_rl.parallel.grid import LayoutError, RankGrid
-    from megatron_rl.resharding.layout import megatron_layout
-
     if tp < 1 or pp < 1:
         raise CheckpointError(f"--tp/--pp: must be >= 1, got tp={tp} pp={pp}; fix: pass positive sizes")
     try:
@@ -101,7 +106,6 @@ def check_world(tp: int, pp: int) -> None:
 
 def validate(args) -> dict:
     """Check inputs and output; return what the workers need. Raises CheckpointError."""
-    from megatron_rl.checkpoint import hf as hfio
 
     hfio.check_output_dir(args.out, overwrite=args.overwrite)
     if args.mode == "hf-to-megatron":
@@ -119,8 +123,6 @@ def validate(args) -> dict:
 
 
 def _meta_for(args):
-    from megatron_rl.checkpoint import megatron as mio
-
     if args.mode == "megatron-to-hf" and args.hf_config:
         meta = mio.plain_meta(args.src, hf_dir=args.hf_config, tp=args.tp, pp=args.pp,
                               vocab_divisible_by=args.vocab_divisible_by)
@@ -151,8 +153,6 @@ def _child_argv(args, mode: str, *, src: str, out: str, tmp: str, tp=None, pp=No
 
 def launch(args, info: dict) -> int:
     """Parent (not under torchrun): own the temporary output, run the ranks, publish."""
-    from megatron_rl.checkpoint import hf as hfio
-    from megatron_rl.checkpoint import spmd
 
     tmp = hfio.make_partial_dir(args.out)
     try:
@@ -182,9 +182,7 @@ def launch(args, info: dict) -> int:
 
 def run_spmd(args) -> int:
     """On every rank under torchrun: run the conversion, then tear the process group down."""
-    import torch.distributed as dist
 
-    from megatron_rl.checkpoint import spmd
 
     if args.mode == "hf-to-megatron":
         kw = dict(tp=args.tp, pp=args.pp, vocab_divisible_by=args.vocab_divisible_by, param_dtype=args.param_dtype)

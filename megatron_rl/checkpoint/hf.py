@@ -32,10 +32,13 @@ import socket
 import struct
 
 import torch
+from safetensors import SafetensorError, safe_open
+from transformers import AutoConfig
 
 from megatron_rl.checkpoint import CheckpointError
 from megatron_rl.parallel.grid import LayoutError
-from megatron_rl.resharding.layout import ModelShape
+from megatron_rl.resharding.layout import SUPPORTED_ARCHS, ModelShape
+
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -66,8 +69,6 @@ class HFCheckpoint:
         self._handles: dict[str, object] = {}
 
     def _handle(self, name: str):
-        from safetensors import safe_open
-
         f = self.files[name]
         if f not in self._handles:
             self._handles[f] = safe_open(f, framework="pt")
@@ -93,12 +94,10 @@ def _load_config(path: str):
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         _fail(cfg_path, f"is not valid JSON ({e})", "restore config.json from the original model")
     archs = raw.get("architectures") or []
-    from megatron_rl.resharding.layout import SUPPORTED_ARCHS
 
     if not archs or archs[0] not in SUPPORTED_ARCHS:
         _fail(f"{cfg_path}: architectures", f"architecture {archs[0] if archs else None!r} is not supported",
               f"convert a model of one of {sorted(SUPPORTED_ARCHS)}")
-    from transformers import AutoConfig
 
     try:
         cfg = AutoConfig.from_pretrained(path)
@@ -110,7 +109,6 @@ def _load_config(path: str):
 
 def _weight_files(path: str) -> dict[str, str]:
     """Tensor name -> file, from the index when sharded, else from the single file's header."""
-    from safetensors import SafetensorError, safe_open
 
     index = os.path.join(path, INDEX)
     if os.path.isfile(index):
@@ -148,7 +146,6 @@ def _weight_files(path: str) -> dict[str, str]:
 
 def _check_tensors(path: str, shape: ModelShape, files: dict[str, str]) -> torch.dtype:
     """Every canonical tensor present with its shape and one dtype; nothing unknown."""
-    from safetensors import safe_open
 
     expected = shape.canonical_shapes()
     actual: dict[str, tuple[tuple[int, ...], str]] = {}

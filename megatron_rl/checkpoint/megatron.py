@@ -31,8 +31,10 @@ from typing import Iterator, Optional
 import torch
 
 from megatron_rl.checkpoint import CheckpointError
+from megatron_rl.checkpoint.hf import _load_config
 from megatron_rl.parallel import collectives as coll
-from megatron_rl.resharding.layout import Block, Layout, ModelShape
+from megatron_rl.resharding.layout import Block, Layout, ModelShape, padded_vocab
+
 
 META = "megatron_rl.json"
 HF_SUBDIR = "hf"
@@ -114,8 +116,6 @@ def plain_meta(ckpt_dir: str, *, hf_dir: str, tp: int = 1, pp: int = 1, vocab_di
     Its global tensors do not depend on the saved layout, so ``tp``/``pp`` only pick the layout
     to load it at.
     """
-    from megatron_rl.checkpoint.hf import _load_config
-    from megatron_rl.resharding.layout import padded_vocab
 
     ckpt_dir = os.path.abspath(ckpt_dir)
     if not os.path.isfile(os.path.join(ckpt_dir, "metadata.json")):
@@ -156,14 +156,14 @@ def check_names(local: dict, params: dict, *, rank: int) -> None:
 
 def save_model(model, ckpt_dir: str) -> None:
     """Save this rank's part of ``model`` into ``ckpt_dir`` with dist-checkpointing (collective)."""
-    from megatron.core import dist_checkpointing
+    from megatron.core import dist_checkpointing  # lazy: keeps vLLM/megatron out of CLI start-up
 
     dist_checkpointing.save(unwrap(model).sharded_state_dict(), ckpt_dir)
 
 
 def load_model(model, ckpt_dir: str) -> None:
     """Load ``ckpt_dir`` into ``model`` at the model's own layout (collective; strict)."""
-    from megatron.core import dist_checkpointing
+    from megatron.core import dist_checkpointing  # lazy: keeps vLLM/megatron out of CLI start-up
 
     m = unwrap(model)
     state = dist_checkpointing.load(m.sharded_state_dict(), ckpt_dir)

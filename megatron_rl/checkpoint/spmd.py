@@ -26,11 +26,16 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+from transformers import AutoConfig
 
 from megatron_rl.checkpoint import hf as hfio
 from megatron_rl.checkpoint import megatron as mio
+from megatron_rl.config import ParallelConfig
+from megatron_rl.models import build_gpt
 from megatron_rl.parallel import collectives as coll
+from megatron_rl.parallel import destroy_distributed, init_distributed
 from megatron_rl.resharding.layout import ModelShape, assemble, megatron_layout, padded_vocab, uses_te_names
+
 
 STAGE = ".canonical"  # reshard's staging HF directory, inside the temporary output
 
@@ -52,9 +57,6 @@ def _config_dtype(cfg, fallback: torch.dtype) -> str:
 
 def setup_model(hf_config, *, tp: int, pp: int, dtype: torch.dtype, vocab_divisible_by: int):
     """Parallel state + this rank's model + the layout (checked against the model's parameters)."""
-    from megatron_rl.config import ParallelConfig
-    from megatron_rl.models import build_gpt
-    from megatron_rl.parallel import init_distributed
 
     parallel = ParallelConfig(tp=tp, pp=pp)
     grid = init_distributed(parallel).grid  # the Topology's training grid
@@ -84,8 +86,7 @@ def save_checkpoint(model, out: str, *, hf_dir: str, vocab_divisible_by: int = 1
     ``hf_dir``) into a temporary sibling of ``out`` and renames it when every rank is done;
     with ``tmp`` given, writes there and leaves publishing to the caller.
     """
-    from megatron.core import parallel_state as ps
-    from transformers import AutoConfig
+    from megatron.core import parallel_state as ps  # lazy: keeps vLLM/megatron out of CLI start-up
 
     def work(path):
         mio.save_model(model, path)
@@ -123,7 +124,6 @@ def load_checkpoint(model, ckpt_dir: str) -> mio.MegatronMeta:
 def hf_to_megatron(src: str, tmp: str, *, tp: int, pp: int, vocab_divisible_by: int = 128,
                    param_dtype: Optional[str] = None, progress: bool = False) -> None:
     """HF directory ``src`` -> dist checkpoint + metadata in ``tmp`` (collective)."""
-    from megatron_rl.parallel import destroy_distributed
 
     ckpt = hfio.open_hf(src)
     dtype = hfio.torch_dtype(param_dtype) if param_dtype else ckpt.dtype
@@ -140,7 +140,6 @@ def load_megatron(src: str, *, tp: Optional[int] = None, pp: Optional[int] = Non
     ``hf_dir`` marks ``src`` as a plain megatron-core dist checkpoint (no megatron_rl.json):
     the model comes from that HF config, at ``tp``/``pp`` (default 1/1).
     """
-    from transformers import AutoConfig
 
     if hf_dir is None:
         meta = mio.read_meta(src)
@@ -179,7 +178,6 @@ def megatron_to_hf(src: str, tmp: str, *, dtype: Optional[str] = None, max_shard
 
     ``hf_dir``/``tp``/``pp``/``vocab_divisible_by``: for a plain dist checkpoint, see :func:`load_megatron`.
     """
-    from megatron_rl.parallel import destroy_distributed
 
     meta, model, params, layout = load_megatron(src, hf_dir=hf_dir, tp=tp, pp=pp, vocab_divisible_by=vocab_divisible_by)
     write_hf(params, layout, tmp, hf_dir=hf_dir or os.path.join(os.path.abspath(src), mio.HF_SUBDIR),

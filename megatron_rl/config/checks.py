@@ -19,7 +19,14 @@ import math
 import os
 from typing import Optional
 
+from transformers import AutoConfig
+
 from megatron_rl.errors import ConfigError, LayoutError, config_error, config_error_from
+from megatron_rl.models import RopeError, rope_spec
+from megatron_rl.models.shape import ModelShape
+from megatron_rl.parallel.grid import RankGrid
+from megatron_rl.resharding.layout import megatron_rank_tensors
+from megatron_rl.resharding.vllm_layout import vllm_rank_tensors
 
 
 def _fail(field_name: str, problem: str, fix: str) -> None:
@@ -36,8 +43,6 @@ def validate(cfg, *, world_size: int, hf_config=None, files: bool = True, load_h
     if files:
         check_files(cfg)
     if hf_config is None and load_hf:
-        from transformers import AutoConfig  # lazy: transformers takes seconds; the launch check needs none
-
         hf_config = AutoConfig.from_pretrained(cfg.model.hf_path)
     if hf_config is not None:
         check_hf_config(cfg, hf_config)
@@ -46,9 +51,6 @@ def validate(cfg, *, world_size: int, hf_config=None, files: bool = True, load_h
 
 def check_world(cfg, world_size: int) -> None:
     """Cross-section checks that need the world size. Call before any process group."""
-    # lazy: megatron_rl.parallel's __init__ imports torch; loading a config does not need it
-    from megatron_rl.parallel.grid import RankGrid
-
     p, r = cfg.parallel, cfg.rollout
     if p.world_size is not None and p.world_size != world_size:
         _fail("parallel.world_size", f"config expects {p.world_size} ranks but the launch has {world_size}",
@@ -74,11 +76,6 @@ def check_model(cfg, *, num_attention_heads: int, num_key_value_heads: int, voca
     Sizes a caller does not know (``hidden_size``, ``intermediate_size``, ``head_dim``) get
     neutral stand-ins that every degree divides.
     """
-    # lazy: the layout algebra imports megatron_rl.models, whose __init__ imports torch
-    from megatron_rl.models.shape import ModelShape
-    from megatron_rl.resharding.layout import megatron_rank_tensors
-    from megatron_rl.resharding.vllm_layout import vllm_rank_tensors
-
     p, r = cfg.parallel, cfg.rollout
     if max_position_embeddings is not None and r.max_model_len > max_position_embeddings:
         _fail("rollout.max_model_len", f"{r.max_model_len} exceeds the model's max_position_embeddings="
@@ -102,10 +99,6 @@ def check_model(cfg, *, num_attention_heads: int, num_key_value_heads: int, voca
 def check_hf_config(cfg, hf_config) -> None:
     """:func:`check_model` with the shape read from a transformers config object, its RoPE and
     (when it names one) its architecture."""
-    # lazy: megatron_rl.models' __init__ imports torch
-    from megatron_rl.models import RopeError, rope_spec
-    from megatron_rl.models.shape import ModelShape
-
     try:
         rope_spec(hf_config)
         if getattr(hf_config, "architectures", None):

@@ -22,6 +22,8 @@ import torch.nn.functional as F
 
 from megatron_rl.errors import LayoutError
 from megatron_rl.models.shape import ModelShape, padded_vocab
+from megatron_rl.parallel.cp_attention import CPDotProductAttention
+
 
 __all__ = ["megatron_config", "layer_spec", "build_gpt", "rope_base", "rope_spec", "rope_inv_freq", "RopeError",
            "ROPE_KEYS", "RECOMPUTE", "te_available"]
@@ -30,7 +32,7 @@ __all__ = ["megatron_config", "layer_spec", "build_gpt", "rope_base", "rope_spec
 def te_available() -> bool:
     """True when Transformer Engine's PyTorch part imports (GPU machines only)."""
     try:
-        import transformer_engine.pytorch  # noqa: F401
+        import transformer_engine.pytorch  # noqa: F401  # lazy: keeps vLLM/megatron out of CLI start-up
     except Exception:  # TE raises more than ImportError when CUDA is missing
         return False
     return True
@@ -177,6 +179,7 @@ def megatron_config(hf_config, *, parallel, dtype=torch.float32, recompute: str 
     ``recompute``: a key of :data:`RECOMPUTE` (``train.recompute``)."""
     if recompute not in RECOMPUTE:
         raise LayoutError(f"recompute={recompute!r} is unknown; fix: use one of {', '.join(RECOMPUTE)}")
+    # lazy: keeps vLLM/megatron out of CLI start-up
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     shape = ModelShape.from_hf_config(hf_config)
@@ -217,7 +220,7 @@ def layer_spec(tf_config, *, backend: Optional[str] = None, core_attention=None)
     with ``context_parallel_size > 1`` on the local spec, the default is
     :class:`megatron_rl.parallel.cp_attention.CPDotProductAttention`.
     """
-    from megatron.core.models.gpt import gpt_layer_specs as specs
+    from megatron.core.models.gpt import gpt_layer_specs as specs  # lazy: keeps vLLM/megatron out of CLI start-up
 
     if backend is None:
         backend = "te" if te_available() else "local"
@@ -226,8 +229,6 @@ def layer_spec(tf_config, *, backend: Optional[str] = None, core_attention=None)
     elif backend == "local":
         spec = specs.get_gpt_layer_local_spec(qk_layernorm=tf_config.qk_layernorm, normalization="RMSNorm")
         if core_attention is None and tf_config.context_parallel_size > 1:
-            from megatron_rl.parallel.cp_attention import CPDotProductAttention
-
             core_attention = CPDotProductAttention
     else:
         raise LayoutError(f"layer spec backend {backend!r} is unknown; fix: use 'local' or 'te'")
@@ -255,7 +256,7 @@ def build_gpt(hf_config, *, parallel, topo=None, dtype=torch.float32, vocab_divi
     Without it megatron-core picks its default groups and the stage is asked of them (for
     callers not yet passing a topology).
     The rotary embedding's ``inv_freq`` is HF's (:func:`rope_inv_freq`) for every scaled rope type."""
-    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt import GPTModel  # lazy: keeps vLLM/megatron out of CLI start-up
 
     shape = ModelShape.from_hf_config(hf_config)
     tf_config = megatron_config(hf_config, parallel=parallel, dtype=dtype, recompute=recompute)

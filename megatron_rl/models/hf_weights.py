@@ -18,9 +18,12 @@ from contextlib import ExitStack
 from typing import Optional
 
 import torch
+from safetensors import safe_open
+from transformers import AutoConfig
 
 from megatron_rl.parallel.grid import LayoutError
 from megatron_rl.resharding.layout import ModelShape, assemble, megatron_rank_tensors, uses_te_names
+
 
 __all__ = ["load_hf_into", "hf_tensor_files", "SliceReader"]
 
@@ -36,7 +39,6 @@ def hf_tensor_files(hf_path: str) -> dict[str, str]:
     if not os.path.isfile(single):
         raise LayoutError(f"{hf_path}: no model.safetensors or model.safetensors.index.json; "
                           "fix: point model.hf_path at an HF checkpoint saved with safe_serialization")
-    from safetensors import safe_open
 
     try:
         with safe_open(single, framework="pt") as f:
@@ -49,8 +51,6 @@ class SliceReader:
     """``read(canon, dim, start, length)`` over open safetensors files, slicing lazily."""
 
     def __init__(self, files: dict[str, str], stack: ExitStack):
-        from safetensors import safe_open
-
         self._files = files
         self._handles = {p: stack.enter_context(safe_open(p, framework="pt")) for p in sorted(set(files.values()))}
 
@@ -72,11 +72,9 @@ def load_hf_into(chunks: list, hf_path: str, *, hf_config=None, tp: Optional[int
     if len(chunks) != 1:
         raise NotImplementedError("load_hf_into supports one model chunk per rank (no virtual pipeline)")
     if hf_config is None:
-        from transformers import AutoConfig
-
         hf_config = AutoConfig.from_pretrained(hf_path)
     if None in (tp, pp, tp_rank, pp_rank):
-        from megatron.core import parallel_state as ps
+        from megatron.core import parallel_state as ps  # lazy: keeps vLLM/megatron out of CLI start-up
 
         tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
         tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()

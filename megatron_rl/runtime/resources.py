@@ -11,6 +11,13 @@ from __future__ import annotations
 
 import os
 
+import torch
+import torch.distributed as dist
+
+from megatron_rl.metrics import resource_usage
+from megatron_rl.parallel import collectives as coll
+
+
 ENV = "MEGATRON_RL_SAMPLE_RESOURCES"
 NAMES = ("rss_mib", "fds", "threads", "shm")
 
@@ -23,11 +30,7 @@ def resource_metrics() -> dict[str, float]:
     """``{"res/<name>/rank<r>": value}`` for every rank (one small all_gather), or {} when disabled."""
     if not enabled():
         return {}
-    import torch
-    import torch.distributed as dist
 
-    from megatron_rl.metrics import resource_usage
-    from megatron_rl.parallel import collectives as coll
 
     mine = resource_usage()
     if not (dist.is_available() and dist.is_initialized()):

@@ -24,6 +24,7 @@ from megatron_rl.models.hf_weights import load_hf_into
 from megatron_rl.parallel import collectives as coll
 from megatron_rl.train.lm import lm_forward
 
+
 ForwardFn = Callable[[torch.nn.Module, dict], tuple]
 
 
@@ -32,8 +33,10 @@ class TrainEngine:
 
     def __init__(self, hf_config, *, parallel, train, topo, dtype=torch.float32, hf_path: Optional[str] = None,
                  forward_fn: ForwardFn = lm_forward, core_attention=None, vocab_divisible_by: int = 128):
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, \
-            finalize_model_grads
+        # lazy: keeps vLLM/megatron out of CLI start-up
+        from megatron.core.distributed import (DistributedDataParallel, DistributedDataParallelConfig,
+                                               finalize_model_grads)
+        # lazy: keeps vLLM/megatron out of CLI start-up
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
         self.hf_config, self.parallel, self.forward_fn, self.topo = hf_config, parallel, forward_fn, topo
@@ -89,6 +92,7 @@ class TrainEngine:
 def run_schedule(chunks: list, batches: list, *, forward_fn: ForwardFn, forward_only: bool) -> list:
     """Megatron's pipeline schedule over ``batches`` with ``forward_fn``; returns the last stage's
     per-micro-batch metrics. Shared by the engine and the frozen reference model."""
+    # lazy: keeps vLLM/megatron out of CLI start-up
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     tokens = batches[0]["tokens"]  # (B, S): full sequences; forward_fn splits for CP

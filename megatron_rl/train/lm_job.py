@@ -19,11 +19,18 @@ import sys
 import time
 
 import torch
+from transformers import AutoConfig
 
 from megatron_rl.checkpoint import CheckpointError
+from megatron_rl.checkpoint.megatron import read_meta
+from megatron_rl.checkpoint.spmd import load_checkpoint, save_checkpoint
 from megatron_rl.config import ConfigError, load_config
 from megatron_rl.config import validate as validate_config
+from megatron_rl.parallel import destroy_distributed, init_distributed
 from megatron_rl.parallel.grid import LayoutError
+from megatron_rl.runtime import run_rank
+from megatron_rl.train.engine import TrainEngine
+from megatron_rl.train.lm import synthetic_batches
 
 
 def parse_args(argv):
@@ -44,8 +51,6 @@ def validate(args, cfg, world: int, hf_config) -> int:
     if args.save and os.path.exists(args.save) and os.listdir(args.save):
         raise ConfigError(f"config error: --save: {args.save!r} exists and is not empty; fix: pass a new directory")
     if args.load:
-        from megatron_rl.checkpoint.megatron import read_meta
-
         read_meta(args.load)  # one clear error for a missing or incomplete checkpoint
     validate_config(cfg, world_size=world, hf_config=hf_config, files=False)  # the world, RoPE and the layouts
     p = cfg.parallel
@@ -60,8 +65,6 @@ def validate(args, cfg, world: int, hf_config) -> int:
 
 
 def _hf_config(path: str):
-    from transformers import AutoConfig
-
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise ConfigError(f"config error: model.hf_path: {path!r} has no config.json; "
                           "fix: point it at an HF model directory (megatron-rl make-tiny-model --out DIR)")
@@ -77,19 +80,13 @@ def prepare(args):
 
 
 def run(args, prepared, rt) -> dict:
-    from megatron_rl.parallel import destroy_distributed, init_distributed
-    from megatron_rl.train.engine import TrainEngine
-    from megatron_rl.train.lm import synthetic_batches
-
     cfg, hf_config, world, micro = prepared
     dtype = getattr(torch, cfg.model.dtype)
-    topo = init_distributed(cfg.parallel, world_size=world, hf_config=hf_config, seed=cfg.train.seed)
+    topo = init_distributed(cfg.parallel, world_size=world, seed=cfg.train.seed)
     grid, rank, coord = topo.grid, topo.rank, topo.coord
     eng = TrainEngine(hf_config, parallel=cfg.parallel, train=cfg.train, topo=topo, dtype=dtype,
                       hf_path=cfg.model.hf_path, vocab_divisible_by=cfg.model.make_vocab_size_divisible_by)
     if args.load:
-        from megatron_rl.checkpoint.spmd import load_checkpoint
-
         load_checkpoint(eng.model[0], args.load)  # collective; dist-checkpointing reshards any saved layout
     history = []
     for step in range(cfg.train.steps):
@@ -104,8 +101,6 @@ def run(args, prepared, rt) -> dict:
             print(f"step {step + 1}/{cfg.train.steps} loss {out['loss']:.6f} grad_norm {out['grad_norm']:.6f} "
                   f"tokens {out['tokens']} time {out['time_s']:.2f}s", flush=True)
     if args.save:
-        from megatron_rl.checkpoint.spmd import save_checkpoint
-
         hf_dir = os.path.join(args.load, "hf") if args.load else cfg.model.hf_path
         with rt.phase("checkpoint"):  # atomic: temp sibling + rename
             save_checkpoint(eng.model[0], args.save, hf_dir=hf_dir,
@@ -123,8 +118,6 @@ def run(args, prepared, rt) -> dict:
 
 
 def main(argv=None) -> int:
-    from megatron_rl.runtime import run_rank
-
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         prepared = prepare(args)

@@ -42,6 +42,12 @@ from typing import Callable
 
 import torch
 
+from megatron_rl.models import build_gpt
+from megatron_rl.models.hf_weights import load_hf_into
+from megatron_rl.rollout.cpu_memory import return_memory_to_os
+from megatron_rl.train.engine import run_schedule
+
+
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _ALIGN = 64  # byte alignment of every parameter inside the file (any dtype can view its slice)
 
@@ -100,7 +106,6 @@ class FileMappedStore:
         for p, (dtype, _) in zip(self.params, self.meta):
             p.data = torch.empty(0, dtype=dtype)  # the last view goes: the file map is unmapped
         if self._loaded_copy:  # the first offload frees the copy the loader filled (heap blocks)
-            from megatron_rl.rollout.cpu_memory import return_memory_to_os
 
             return_memory_to_os()
             self._loaded_copy = False
@@ -140,7 +145,7 @@ def make_store(params: list, *, path: str):
 @contextlib.contextmanager
 def _rng_untouched():
     """Building a model draws random init weights: keep the job's RNG streams where they were."""
-    from megatron.core import tensor_parallel
+    from megatron.core import tensor_parallel  # lazy: keeps vLLM/megatron out of CLI start-up
 
     tracker = tensor_parallel.get_cuda_rng_tracker()
     states = tracker.get_states()
@@ -162,9 +167,8 @@ class ReferenceModel:
 
     def __init__(self, hf_config, *, parallel, topo, hf_path: str, store_dir: str, dtype=torch.float32,
                  vocab_divisible_by: int = 128):
+        # lazy: keeps vLLM/megatron out of CLI start-up
         from megatron_rl.attention import SharedPrefixCoreAttention, enable_shared_prefix
-        from megatron_rl.models import build_gpt
-        from megatron_rl.models.hf_weights import load_hf_into
 
         with _rng_untouched():
             chunks = build_gpt(hf_config, parallel=parallel, topo=topo, dtype=dtype,
@@ -209,7 +213,6 @@ class ReferenceModel:
     @torch.no_grad()
     def forward(self, batches: list, *, forward_fn: Callable) -> list:
         """Forward only, like ``TrainEngine.forward``: per-micro-batch metrics (last PP stage)."""
-        from megatron_rl.train.engine import run_schedule
 
         if not self.store.resident:
             raise RuntimeError("ReferenceModel.forward while offloaded; fix: run it inside `with ref.onloaded():`")

@@ -72,7 +72,7 @@ def _model(shape: dict, device: torch.device, dtype):
                      tie_word_embeddings=False, attention_bias=False, mlp_bias=False)
     hf.architectures = ["LlamaForCausalLM"]
     par = ParallelConfig(backend="gloo" if device.type == "cpu" else "nccl")
-    TOPO[:] = [init_distributed(par, hf_config=hf, seed=0)]
+    TOPO[:] = [init_distributed(par, seed=0)]
     (model,) = build_gpt(hf, parallel=par, topo=TOPO[0], dtype=dtype, vocab_divisible_by=128,
                          core_attention=SharedPrefixCoreAttention)
     enable_shared_prefix(model)

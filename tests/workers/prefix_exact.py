@@ -230,7 +230,7 @@ def run_case(model: str, layout: str, path: str) -> dict:
 
     par = ParallelConfig(**LAYOUTS[layout])
     hf_config = AutoConfig.from_pretrained(path)
-    topo = init_distributed(par, hf_config=hf_config)
+    topo = init_distributed(par)
     try:
         groups = make_groups(vocab=hf_config.vocab_size)
         t0 = time.perf_counter()

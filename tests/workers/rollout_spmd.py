@@ -76,7 +76,7 @@ def main():
     path = tiny_model_paths()["qwen2"]  # tied embeddings + qkv bias; 2 kv heads split over TP2
     from transformers import AutoConfig
 
-    topo = init_distributed(ParallelConfig(tp=2, pp=2), world_size=4, hf_config=AutoConfig.from_pretrained(path),
+    topo = init_distributed(ParallelConfig(tp=2, pp=2), world_size=4,
                             rollout_tp=2)
     from megatron.core import parallel_state as ps
 

@@ -172,7 +172,7 @@ def main():
     from megatron_rl.parallel import init_distributed
 
     paths = {"llama3": sys.argv[1], "plain": sys.argv[2]}
-    TOPO.append(init_distributed(PAR, hf_config=AutoConfig.from_pretrained(paths["llama3"])))
+    TOPO.append(init_distributed(PAR))
     res, seconds = {"rank": dist.get_rank()}, {}
     for name, check in (("logits", lambda: logits_checks(paths)), ("recompute", lambda: recompute_checks(
             paths["llama3"])), ("mismatch", lambda: mismatch_checks(paths))):

@@ -142,7 +142,7 @@ def build_megatron(path: str, *, tp: int, pp: int, hf_config):
 
     destroy_distributed(keep_process_group=True)
     parallel = ParallelConfig(tp=tp, pp=pp, timeout_s=120)
-    topo = init_distributed(parallel, hf_config=hf_config)
+    topo = init_distributed(parallel)
     chunks = build_gpt(hf_config, parallel=parallel, topo=topo)
     load_hf_into(chunks, path, hf_config=hf_config)
     return chunks, topo.grid
