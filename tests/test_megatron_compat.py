@@ -1,4 +1,4 @@
-"""One test per patch of megatron_rl/parallel/cpu_compat.py.
+"""One test per patch of megatron_rl/compat/megatron_compat.py (and megatron_distopt.py).
 
 Each test first checks that the upstream target still exists and still has the CUDA
 assumption the patch removes (so the test fails if megatron-core moves or renames it), then
@@ -10,7 +10,7 @@ import inspect
 import pytest
 import torch
 
-from megatron_rl.parallel import cpu_compat
+from megatron_rl.compat import megatron_compat as cpu_compat
 
 pytestmark = pytest.mark.unit
 
@@ -220,4 +220,4 @@ def test_patch7_is_applied_on_gpu_too(monkeypatch):
     assert cpu_compat.apply_for(cuda=False) == ["sequence_parallel_norm", "cpu"] and calls == ["norm", "cpu"]
     from megatron_rl import parallel
 
-    assert "cpu_compat.apply_for(cuda=torch.cuda.is_available())" in inspect.getsource(parallel.init_distributed)
+    assert "megatron_compat.apply_for(cuda=torch.cuda.is_available())" in inspect.getsource(parallel.init_distributed)
