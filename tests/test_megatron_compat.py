@@ -213,8 +213,8 @@ def test_patch7_is_applied_on_gpu_too(monkeypatch):
     """GPU runs without Transformer Engine use megatron's local spec, whose norm refuses sequence
     parallel: init_distributed applies patch 7 on every device, the CPU patches only without CUDA."""
     calls = []
-    monkeypatch.setattr(cpu_compat, "apply_sequence_parallel_norm", lambda: calls.append("norm") or True)
-    monkeypatch.setattr(cpu_compat, "apply", lambda **k: calls.append("cpu") or True)
+    monkeypatch.setattr(megatron_compat, "apply_sequence_parallel_norm", lambda: calls.append("norm") or True)
+    monkeypatch.setattr(megatron_compat, "apply", lambda **k: calls.append("cpu") or True)
     assert megatron_compat.apply_for(cuda=True) == ["sequence_parallel_norm"] and calls == ["norm"]
     calls.clear()
     assert megatron_compat.apply_for(cuda=False) == ["sequence_parallel_norm", "cpu"] and calls == ["norm", "cpu"]
