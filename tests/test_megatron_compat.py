@@ -10,7 +10,7 @@ import inspect
 import pytest
 import torch
 
-from megatron_rl.compat import megatron_compat
+from megatron_rl.compat import megatron_compat, megatron_distopt
 
 pytestmark = pytest.mark.unit
 
@@ -190,7 +190,7 @@ def test_patch9_distributed_optimizer_torch_adam_state():
     assert getattr(cls.state_dict, megatron_compat._MARK) and getattr(cls.load_state_dict, megatron_compat._MARK)
     w = [torch.nn.Parameter(torch.randn(3)) for _ in range(2)]
     adam = torch.optim.Adam(w, lr=0.1)
-    megatron_compat._init_adam_state(adam)
+    megatron_distopt._init_adam_state(adam)
     steps = [adam.state[p]["step"] for p in w]
     assert all(s.item() == 0 for s in steps) and steps[0] is not steps[1]
     # The pre-created state gives exactly the lazily-initialised update.
@@ -204,7 +204,7 @@ def test_patch9_distributed_optimizer_torch_adam_state():
     shared = torch.tensor(5.0)
     for p in w:
         adam.state[p]["step"] = shared
-    megatron_compat._unshare_steps(adam)
+    megatron_distopt._unshare_steps(adam)
     assert adam.state[w[0]]["step"] is not adam.state[w[1]]["step"]
     assert adam.state[w[0]]["step"].item() == 5.0
 

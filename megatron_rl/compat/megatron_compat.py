@@ -53,7 +53,7 @@ import types
 import torch
 
 from megatron_rl.compat import require_tested
-from megatron_rl.compat.megatron_distopt import _MARK, _init_adam_state, _unshare_steps, keeps_step, patch_load  # noqa: F401
+from megatron_rl.compat.megatron_distopt import _MARK, patch_load
 
 TESTED = ("0.16.1",)
 
