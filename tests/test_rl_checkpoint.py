@@ -55,8 +55,9 @@ def test_resume_is_bitwise_and_survives_kill_during_save(tiny_models, tmp_path):
               "train.steps=4", "algorithm.group_size=4", "data.prompts_per_step=2", "rollout.max_new_tokens=8",
               "checkpoint.save_every=2", f"checkpoint.dir={ckpt}", "checkpoint.keep=2", "logging.progress=false"]
     cli = os.path.join(REPO, "megatron_rl", "cli.py")
-    p1, _ = torchrun(cli, nproc=4, out_dir=str(tmp_path / "o1"), timeout=600, check=False,
-                     args=common + [f"logging.run_dir={tmp_path / 'run1'}"], env={rl.FAULT_ENV: "3"})
+    faulty_cli = os.path.join(REPO, "tests", "workers", "ckpt_fault_cli.py")  # cli.py + the fault seam's hook
+    p1, _ = torchrun(faulty_cli, nproc=4, out_dir=str(tmp_path / "o1"), timeout=600, check=False,
+                     args=common + [f"logging.run_dir={tmp_path / 'run1'}"], env={"MEGATRON_RL_CKPT_FAULT": "3"})
     assert p1.returncode != 0, "the fault hook should have killed the job during the step-3 save"
     left = sorted(os.listdir(ckpt))
     assert left[0] == "step_1" and len(left) == 2 and left[1].startswith("step_3.tmp-"), left

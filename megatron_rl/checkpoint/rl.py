@@ -17,9 +17,9 @@ renames the directory to ``step_<k>``. A kill at any point before the rename lea
 ``.tmp-`` directory, which :func:`latest_checkpoint` never considers and the next save removes.
 Only the ``keep`` newest complete checkpoints are kept.
 
-Fault hook for tests: ``MEGATRON_RL_CKPT_FAULT=<step>`` makes rank 0 SIGKILL its whole process
-group (torchrun and every worker) in the save of that step, after the model and optimizer
-shards are on disk and before ``COMPLETE`` (in the first attempt only: never after a torchrun restart).
+Fault seam for tests: the save fires ``runtime.faults`` point ``"checkpoint.after_shards"`` once
+the model and optimizer shards are on disk and before ``COMPLETE``; a no-op unless a test installs
+a hook (tests/workers/ckpt_fault_cli.py kills the job there).
 
 Usage (every rank, collective)::
 
@@ -28,14 +28,12 @@ Usage (every rank, collective)::
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
 import random
 import re
 import shutil
-import signal
 import time
 import uuid
 from typing import Optional
@@ -47,10 +45,11 @@ import torch.distributed as dist
 from megatron_rl.checkpoint import CheckpointError
 from megatron_rl.checkpoint import megatron as mio
 from megatron_rl.checkpoint.hf import publish_dir
+from megatron_rl.compat import megatron_distopt
 from megatron_rl.parallel import collectives as coll
+from megatron_rl.runtime import faults
 
 COMPLETE = "COMPLETE"
-FAULT_ENV = "MEGATRON_RL_CKPT_FAULT"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _TMP_DIR = re.compile(r"^step_\d+\.tmp-[0-9a-f]+(\.old)?$")  # .old: a replaced step (publish_dir)
 FORMAT_VERSION = 1
@@ -158,27 +157,6 @@ def _all_ok(ok: bool, *, what: str) -> None:
                               "fix: check free disk space and permissions of checkpoint.dir")
 
 
-def _maybe_fault(step: int, rank: int) -> None:
-    """Test hook: SIGKILL the whole local job (every worker's process group, then the launcher)."""
-    from megatron_rl.runtime.rank import restart_count
-
-    want = os.environ.get(FAULT_ENV)
-    if want is None or int(want) != step or rank != 0 or restart_count() > 0:
-        return
-    time.sleep(0.2)  # the other ranks are writing their RNG files meanwhile
-    launcher, me = os.getppid(), os.getpid()
-    for pid in map(int, filter(str.isdigit, os.listdir("/proc"))):
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            if ppid == launcher and pid != me:  # torchrun starts each worker in its own session
-                os.killpg(os.getpgid(pid), signal.SIGKILL)
-        except (OSError, ValueError, IndexError):
-            continue
-    os.kill(launcher, signal.SIGKILL)
-    os.killpg(os.getpgrp(), signal.SIGKILL)
-
-
 def _prune(root: str, *, keep: int, current: str) -> None:
     for name in os.listdir(root):
         if _TMP_DIR.match(name) and os.path.join(root, name) != current:
@@ -217,7 +195,7 @@ def save_rl_checkpoint(root: str, *, step: int, model, optimizer, extra: Optiona
     from megatron.core import dist_checkpointing
 
     dist_checkpointing.save(_sharded_state(_chunks(model), optimizer, is_loading=False), os.path.join(tmp, "dist"))
-    _maybe_fault(step, rank)
+    faults.fire("checkpoint.after_shards", step=step, rank=rank)
     ok = True
     try:
         torch.save(rng_state(), os.path.join(tmp, "rng", f"rank{rank}.pt"))
@@ -254,33 +232,8 @@ def _load_model_and_optimizer(path: str, chunks: list, optimizer) -> None:
             raise CheckpointError(f"{path}: checkpoint does not match the model (missing {missing[:3]}, "
                                   f"unexpected {unexpected[:3]}); fix: resume with the model it was saved from")
     if optimizer is not None:
-        with _distopt_keeps_step(optimizer):
+        with megatron_distopt.keeps_step(optimizer):
             optimizer.load_state_dict(loaded["optimizer"])
-
-
-@contextlib.contextmanager
-def _distopt_keeps_step(optimizer):
-    """ENV.md item 9, the ``KeyError: 'step'``: on load, ``DistributedOptimizer`` copies every key of
-    the inner torch-Adam state (which holds ``step``) from the checkpoint's per-param tensors
-    (which do not: the step travels in ``param_groups`` and is already restored). Keys missing from
-    the checkpoint keep their current value. Patched on the instances, for the load only."""
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    patched = [o for o in getattr(optimizer, "chained_optimizers", [optimizer]) if isinstance(o, DistributedOptimizer)]
-    for opt in patched:
-        orig = opt._set_main_param_and_optimizer_states
-
-        def set_states(model_param, tensors, *, _opt=opt, _orig=orig):
-            gi, go = _opt.model_param_group_index_map[model_param]
-            main = _opt.optimizer.param_groups[gi]["params"][go]
-            return _orig(model_param, {**_opt.optimizer.state.get(main, {}), **tensors})
-
-        opt._set_main_param_and_optimizer_states = set_states
-    try:
-        yield
-    finally:
-        for opt in patched:
-            del opt._set_main_param_and_optimizer_states
 
 
 def load_rl_checkpoint(root: str, *, model, optimizer, path: Optional[str] = None,

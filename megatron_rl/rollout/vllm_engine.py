@@ -38,6 +38,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from megatron_rl.compat import vllm_compat
 from megatron_rl.parallel import collectives as coll
 from megatron_rl.rollout import cpu_memory
 from megatron_rl.rollout.base import (EngineStateError, Generation, MemoryReport, RolloutEngine, Sampling,
@@ -53,26 +54,6 @@ def _set_env(cfg, run_dir: str) -> None:
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cfg.omp_threads_bind)
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(cache, "inductor"))
     os.environ.setdefault("VLLM_CACHE_ROOT", os.path.join(cache, "vllm"))
-
-
-def _unique_shm_names() -> None:
-    """Prefix vLLM's CPU shared-memory segment names with this job's rendezvous port.
-
-    vLLM names them after the TP group only, so two concurrent jobs (or a crashed run's
-    leftovers) collide with errno 17. Idempotent; CPU only.
-    """
-    from vllm.distributed.device_communicators.cpu_communicator import _CPUSHMDistributed
-
-    if getattr(_CPUSHMDistributed.make_group_name, "_mrl_prefixed", False):
-        return
-    original = _CPUSHMDistributed.make_group_name
-    job = f"mrl{os.environ.get('MASTER_PORT', '0')}p{os.getppid()}"
-
-    def make_group_name(communicator):
-        return f"{job}-{original(communicator).lstrip('/')}".replace("/", "_")
-
-    make_group_name._mrl_prefixed = True
-    _CPUSHMDistributed.make_group_name = staticmethod(make_group_name)
 
 
 class VllmEngine(RolloutEngine):
@@ -92,9 +73,9 @@ class VllmEngine(RolloutEngine):
         self.group = topo.control_group  # gloo over the world, with the job's timeout
         _set_env(cfg, run_dir)
         if not self.cuda:
-            _unique_shm_names()
+            vllm_compat.unique_shm_names()
         self.llm = self._make_llm(model_path, dtype)
-        self.worker = self.llm.llm_engine.model_executor.driver_worker.worker
+        self.worker = vllm_compat.driver_worker(self.llm)
         self.weights = VllmWeights(self.worker.model_runner.get_model(), cpu=not self.cuda)
         self.lc = Lifecycle(weights_release=cfg.weights_release, dummy=cfg.load_format == "dummy")
         self._calls = 0

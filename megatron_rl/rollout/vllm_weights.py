@@ -27,6 +27,8 @@ from typing import Iterable
 
 import torch
 
+from megatron_rl.compat import vllm_compat
+
 
 class WeightUpdateError(RuntimeError):
     """A weight update that cannot be applied (unknown name, bad shape, wrong phase)."""
@@ -43,21 +45,14 @@ class _Slot:
     packed_linear: bool  # the live Parameter is empty; the data lives in module.cpu_linear
 
 
-def _released_linear(x, weight, bias):  # noqa: ARG001 - signature of vLLM's cpu_linear
-    raise RuntimeError("vLLM weights are released on this rank; call engine.resume(['weights']) "
-                       "and sync weights before generating")
-
-
 def _kernel_shape(module: torch.nn.Module, attr: str, live: torch.Tensor) -> tuple[int, ...]:
     """Unpacked shard shape: the live one, or vLLM's recorded pre-packing metadata."""
     if live.numel() > 0:
         return tuple(live.shape)
-    from vllm.model_executor.model_loader.reload.layerwise import get_layerwise_info
-
-    meta = get_layerwise_info(module).restore_metadata[0].get(attr)
-    if meta is None:
+    shape = vllm_compat.recorded_shape(module, attr)
+    if shape is None:
         raise WeightUpdateError(f"no recorded shape for {attr} of {type(module).__name__}")
-    return tuple(meta.shape)
+    return shape
 
 
 class VllmWeights:
@@ -83,13 +78,13 @@ class VllmWeights:
         for name, param in self.model.named_parameters():
             mod_name, _, attr = name.rpartition(".")
             mod = modules[mod_name]
-            packed_linear = self.cpu and attr == "weight" and param.numel() == 0 and hasattr(mod, "cpu_linear")
+            packed_linear = self.cpu and attr == "weight" and param.numel() == 0 and vllm_compat.has_cpu_linear(mod)
             self.slots[name] = _Slot(mod_name, attr, _kernel_shape(mod, attr, param), param.dtype, packed_linear)
         # Embedding-style modules keep their weight and also hold a packed copy of it; with
         # tied embeddings one Parameter feeds two such modules (embed_tokens and lm_head).
         for mod in modules.values():
             w = mod._parameters.get("weight")
-            if self.cpu and hasattr(mod, "cpu_linear") and w is not None and w.numel() > 0:
+            if self.cpu and vllm_compat.has_cpu_linear(mod) and w is not None and w.numel() > 0:
                 self._owners.setdefault(id(w), []).append(mod)
 
     def _module(self, name: str) -> torch.nn.Module:
@@ -112,11 +107,11 @@ class VllmWeights:
             if id(p) not in seen:
                 seen.add(id(p))
                 total += p.numel() * p.element_size()
-            if slot.packed_linear and self._module(name).cpu_linear is not _released_linear:
+            if slot.packed_linear and not vllm_compat.linear_released(self._module(name)):
                 total += _numel(slot.shape) * slot.dtype.itemsize
         for mods in self._owners.values():
             for mod in mods:
-                if mod.cpu_linear is not _released_linear and mod.weight.numel() > 0:
+                if not vllm_compat.linear_released(mod) and mod.weight.numel() > 0:
                     total += mod.weight.numel() * mod.weight.element_size()
         return total
 
@@ -165,7 +160,7 @@ class VllmWeights:
             raise WeightUpdateError("end_weight_update() without begin_weight_update()")
         self._updating = False
         for mod in self._repack.values():
-            mod.quant_method.process_weights_after_loading(mod)
+            vllm_compat.repack(mod)
         self._repack = {}
         missing = set(self.slots) - self._loaded
         if require_all and missing:
@@ -184,7 +179,7 @@ class VllmWeights:
         mod.weight = torch.nn.Parameter(data, requires_grad=False)
         # vLLM's own CPU post-load step (dispatch_cpu_unquantized_gemm, remove_weight=True):
         # builds the packed closure and leaves the Parameter empty again.
-        mod.quant_method.process_weights_after_loading(mod)
+        vllm_compat.repack(mod)
 
     # -- full HF tensors (vLLM slices them per rank): the baseline path -------------------------
 
@@ -197,7 +192,7 @@ class VllmWeights:
         # leaving the lm_head's packed copy stale on CPU: re-pack every embedding-style owner.
         for mods in self._owners.values():
             for mod in mods:
-                mod.quant_method.process_weights_after_loading(mod)
+                vllm_compat.repack(mod)
 
     # -- release support ------------------------------------------------------------------------
 
@@ -221,7 +216,7 @@ class VllmWeights:
             c = min(self.readback_chunk, k - start)
             eye = torch.zeros(c, k, dtype=slot.dtype)  # (c, K)
             eye[:, start:start + c] = torch.eye(c, dtype=slot.dtype)
-            out[:, start:start + c] = mod.cpu_linear(eye, None, None).t()  # (c, N) -> (N, c)
+            out[:, start:start + c] = vllm_compat.run_linear(mod, eye).t()  # (c, N) -> (N, c)
         return out
 
     def drop(self) -> None:
@@ -229,11 +224,11 @@ class VllmWeights:
         for name, slot in self.slots.items():
             mod = self._module(name)
             if slot.packed_linear:
-                mod.cpu_linear = _released_linear
+                vllm_compat.release_linear(mod)
             self._param(name).data = torch.empty(0, dtype=slot.dtype)
         for mods in self._owners.values():
             for mod in mods:
-                mod.cpu_linear = _released_linear
+                vllm_compat.release_linear(mod)
         self.dropped = True
 
     def allocate(self) -> None:

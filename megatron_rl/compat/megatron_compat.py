@@ -1,11 +1,14 @@
-"""CPU compatibility layer for megatron-core 0.16.1: the only place that patches it.
+"""Patches of megatron-core (tested: see ``TESTED``): the only place that patches it.
+
+CPU compatibility layer, the sequence-parallel norm patch and (in ``megatron_distopt``) the
+distributed-optimizer fixes; :func:`check_version` refuses an untested megatron-core.
 
 megatron-core assumes CUDA in a handful of places (measured in ENV.md, "CUDA assumptions
 that need a CPU shim"). :func:`apply` patches exactly those, only when CUDA is absent, and
 is idempotent. Nothing outside megatron-core is touched: no global ``torch.cuda`` patch, so
 vLLM and user code in the same process see the real (CUDA-less) torch.
 
-The patches (each one is checked by tests/test_cpu_compat.py, which fails if upstream moves):
+The patches (each one is checked by tests/test_megatron_compat.py, which fails if upstream moves):
 
 1. *triton at import time* (``transformer/moe/ops/paged_stash.py``, 0.19 only): not present
    in 0.16.1 and triton is installed beside vLLM anyway; nothing to patch.
@@ -30,14 +33,14 @@ The patches (each one is checked by tests/test_cpu_compat.py, which fails if ups
    float16 optimizer and grad clipping: the type strings are rewritten to the CPU ones.
 9. *torch-Adam fallback of ``DistributedOptimizer``* (no TE/apex): ``state_dict()`` fails on
    a fresh optimizer and ``load_state_dict()`` shares one ``step`` tensor between all params;
-   see :func:`_patch_distopt_load`. ``get_parameter_state_dp_zero`` calls ``Tensor.cuda()``
+   see ``megatron_distopt.patch_load``. ``get_parameter_state_dp_zero`` calls ``Tensor.cuda()``
    (removed from its source, patch 5).
 
 Usage::
 
-    from megatron_rl.parallel import cpu_compat
-    cpu_compat.apply()          # no-op when CUDA is available
-    cpu_compat.apply_for(cuda=torch.cuda.is_available())   # what init_distributed calls: patch 7 on GPU too
+    from megatron_rl.compat import megatron_compat
+    megatron_compat.apply()          # no-op when CUDA is available
+    megatron_compat.apply_for(cuda=torch.cuda.is_available())   # what init_distributed calls: patch 7 on GPU too
 """
 from __future__ import annotations
 
@@ -48,6 +51,11 @@ import textwrap
 import types
 
 import torch
+
+from megatron_rl.compat import require_tested
+from megatron_rl.compat.megatron_distopt import _MARK, patch_load
+
+TESTED = ("0.16.1",)
 
 # Megatron modules whose ``torch`` name is replaced by a CPU-resolving namespace (patches 3-6).
 PROXIED_MODULES = (
@@ -105,7 +113,6 @@ SOURCE_REWRITES = (
       ("'torch.cuda.BFloat16Tensor'", "'torch.BFloat16Tensor'")]),
 )
 
-_MARK = "_megatron_rl_cpu_compat"
 
 
 class _NullStream:
@@ -324,8 +331,8 @@ def rewrite_function(module, qualname: str, replacements) -> None:
     src = textwrap.dedent(inspect.getsource(fn))
     for old, new in replacements:
         if old not in src:
-            raise RuntimeError(f"cpu_compat: {module.__name__}.{qualname} no longer contains {old!r}; "
-                               "fix: update megatron_rl/parallel/cpu_compat.py for this megatron-core version")
+            raise RuntimeError(f"megatron_compat: {module.__name__}.{qualname} no longer contains {old!r}; "
+                               "fix: update megatron_rl/compat/megatron_compat.py for this megatron-core version")
         src = src.replace(old, new)
     lines = src.splitlines()
     while lines[0].lstrip().startswith("@"):  # decorators are re-applied below
@@ -359,62 +366,14 @@ def _rebind(old, new) -> None:
                     setattr(mod, attr, new)
 
 
-# --- patch 9: DistributedOptimizer's torch-AdamW fallback on load ----------------------------
-
-
-def _patch_distopt_load():
-    """Fix two bugs of ``DistributedOptimizer`` with its torch-Adam fallback (no TE/apex).
-
-    - ``state_dict()`` asserts ``len(steps) == 1`` over the inner optimizer's states, which
-      fails on a fresh optimizer (no state yet). We first give every param the state torch
-      Adam would create lazily (``step`` 0 and zero moments), which changes no later update.
-    - ``load_state_dict()`` assigns *one* ``step`` tensor to every param; torch Adam then
-      increments it once per param per step, breaking bias correction. We un-share it.
-    """
-    distrib = importlib.import_module("megatron.core.optimizer.distrib_optimizer")
-    cls = distrib.DistributedOptimizer
-    if getattr(cls.load_state_dict, _MARK, False):
-        return
-    orig_load, orig_save = cls.load_state_dict, cls.state_dict
-
-    def load_state_dict(self, state_dict):
-        out = orig_load(self, state_dict)
-        _unshare_steps(self.optimizer)
-        return out
-
-    def state_dict(self):
-        _init_adam_state(self.optimizer)
-        return orig_save(self)
-
-    for fn, orig in ((load_state_dict, orig_load), (state_dict, orig_save)):
-        setattr(fn, _MARK, True)
-        fn.__wrapped__ = orig
-    cls.load_state_dict, cls.state_dict = load_state_dict, state_dict
-
-
-def _init_adam_state(opt) -> None:
-    """Create torch Adam's lazily-initialised state for params that have none yet."""
-    if not isinstance(opt, torch.optim.Adam):  # AdamW subclasses Adam
-        return
-    for group in opt.param_groups:
-        for p in group["params"]:
-            if not opt.state.get(p):
-                st = opt.state[p]
-                st["step"] = torch.tensor(0.0, dtype=torch.float32)
-                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                if group.get("amsgrad"):
-                    st["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-
-
-def _unshare_steps(opt) -> None:
-    """Give every param its own ``step`` tensor."""
-    for st in opt.state.values():
-        if torch.is_tensor(st.get("step")):
-            st["step"] = st["step"].clone()
-
-
 # --- entry point -----------------------------------------------------------------------------
+
+
+def check_version() -> str:
+    """Refuse an untested megatron-core (one line); returns the installed version."""
+    from megatron.core import package_info
+
+    return require_tested("megatron-core", package_info.__version__, TESTED)
 
 
 def needed() -> bool:
@@ -425,6 +384,7 @@ def apply_for(*, cuda: bool) -> list[str]:
     """The patches a process needs: on every device, patch 7 (megatron's local spec, which GPU
     runs without Transformer Engine use too, refuses sequence parallel); without CUDA, all of
     them. Returns the names applied now (idempotent)."""
+    check_version()
     applied = ["sequence_parallel_norm"] if apply_sequence_parallel_norm() else []
     if not cuda and apply():
         applied.append("cpu")
@@ -445,6 +405,7 @@ def apply(*, force: bool = False) -> bool:
     """Apply every patch once, when CUDA is absent (or ``force``). Returns True if applied now."""
     if not (force or needed()):
         return False
+    check_version()
     marker = importlib.import_module("megatron.core")
     if getattr(marker, _MARK, False):
         return False
@@ -456,6 +417,6 @@ def apply(*, force: bool = False) -> bool:
     apply_sequence_parallel_norm()
     for modname, qualname, repl in SOURCE_REWRITES:
         rewrite_function(importlib.import_module(modname), qualname, repl)
-    _patch_distopt_load()
+    patch_load()
     setattr(marker, _MARK, True)
     return True

@@ -1,4 +1,4 @@
-"""One test per patch of megatron_rl/parallel/cpu_compat.py.
+"""One test per patch of megatron_rl/compat/megatron_compat.py (and megatron_distopt.py).
 
 Each test first checks that the upstream target still exists and still has the CUDA
 assumption the patch removes (so the test fails if megatron-core moves or renames it), then
@@ -10,17 +10,17 @@ import inspect
 import pytest
 import torch
 
-from megatron_rl.parallel import cpu_compat
+from megatron_rl.compat import megatron_compat, megatron_distopt
 
 pytestmark = pytest.mark.unit
 
 if torch.cuda.is_available():  # the layer is CPU-only by design
-    pytest.skip("cpu_compat is applied only where CUDA is absent", allow_module_level=True)
+    pytest.skip("megatron_compat's CPU patches apply only where CUDA is absent", allow_module_level=True)
 
 
 @pytest.fixture(scope="module", autouse=True)
 def applied():
-    cpu_compat.apply()
+    megatron_compat.apply()
     yield
 
 
@@ -33,10 +33,10 @@ def _src(obj):
 
 
 def test_apply_is_idempotent_and_contained():
-    assert cpu_compat.needed()
-    assert cpu_compat.apply() is False  # already applied by the fixture
-    for name in cpu_compat.PROXIED_MODULES:
-        assert _mod(name).torch is cpu_compat._TORCH_ON_CPU, name
+    assert megatron_compat.needed()
+    assert megatron_compat.apply() is False  # already applied by the fixture
+    for name in megatron_compat.PROXIED_MODULES:
+        assert _mod(name).torch is megatron_compat._TORCH_ON_CPU, name
     # The real torch.cuda is untouched: vLLM and user code still see no CUDA.
     with pytest.raises((AssertionError, RuntimeError)):
         torch.cuda.current_device()
@@ -56,8 +56,8 @@ def test_patch2_rng_tracker_on_cpu():
     sig = inspect.signature(random.model_parallel_cuda_manual_seed)
     assert {"seed", "tp_rank", "ep_rank", "etp_rank"} <= set(sig.parameters)
     assert "torch.cuda.manual_seed" in inspect.getsource(random.model_parallel_cuda_manual_seed)
-    assert random._get_cuda_rng_state is cpu_compat._get_cpu_rng_state
-    assert random._set_cuda_rng_state is cpu_compat._set_cpu_rng_state
+    assert random._get_cuda_rng_state is megatron_compat._get_cpu_rng_state
+    assert random._set_cuda_rng_state is megatron_compat._set_cpu_rng_state
     with pytest.raises((AssertionError, RuntimeError)):
         torch.cuda.get_rng_state()  # what upstream would call
 
@@ -178,7 +178,7 @@ def test_patch8_cuda_tensor_type_strings():
 def test_rewrite_function_fails_loudly_when_upstream_moves():
     clip = _mod("megatron.core.optimizer.clip_grads")
     with pytest.raises(RuntimeError, match="no longer contains"):
-        cpu_compat.rewrite_function(clip, "count_zeros_fp32", [("this text is not there", "")])
+        megatron_compat.rewrite_function(clip, "count_zeros_fp32", [("this text is not there", "")])
 
 
 def test_patch9_distributed_optimizer_torch_adam_state():
@@ -187,10 +187,10 @@ def test_patch9_distributed_optimizer_torch_adam_state():
     save_src, load_src = _src(cls.state_dict), _src(cls.load_state_dict)
     assert "assert len(steps) == 1" in save_src  # fails on a fresh optimizer (no state)
     assert 's["step"] = step' in load_src  # one step tensor shared by every param
-    assert getattr(cls.state_dict, cpu_compat._MARK) and getattr(cls.load_state_dict, cpu_compat._MARK)
+    assert getattr(cls.state_dict, megatron_compat._MARK) and getattr(cls.load_state_dict, megatron_compat._MARK)
     w = [torch.nn.Parameter(torch.randn(3)) for _ in range(2)]
     adam = torch.optim.Adam(w, lr=0.1)
-    cpu_compat._init_adam_state(adam)
+    megatron_distopt._init_adam_state(adam)
     steps = [adam.state[p]["step"] for p in w]
     assert all(s.item() == 0 for s in steps) and steps[0] is not steps[1]
     # The pre-created state gives exactly the lazily-initialised update.
@@ -204,7 +204,7 @@ def test_patch9_distributed_optimizer_torch_adam_state():
     shared = torch.tensor(5.0)
     for p in w:
         adam.state[p]["step"] = shared
-    cpu_compat._unshare_steps(adam)
+    megatron_distopt._unshare_steps(adam)
     assert adam.state[w[0]]["step"] is not adam.state[w[1]]["step"]
     assert adam.state[w[0]]["step"].item() == 5.0
 
@@ -213,11 +213,11 @@ def test_patch7_is_applied_on_gpu_too(monkeypatch):
     """GPU runs without Transformer Engine use megatron's local spec, whose norm refuses sequence
     parallel: init_distributed applies patch 7 on every device, the CPU patches only without CUDA."""
     calls = []
-    monkeypatch.setattr(cpu_compat, "apply_sequence_parallel_norm", lambda: calls.append("norm") or True)
-    monkeypatch.setattr(cpu_compat, "apply", lambda **k: calls.append("cpu") or True)
-    assert cpu_compat.apply_for(cuda=True) == ["sequence_parallel_norm"] and calls == ["norm"]
+    monkeypatch.setattr(megatron_compat, "apply_sequence_parallel_norm", lambda: calls.append("norm") or True)
+    monkeypatch.setattr(megatron_compat, "apply", lambda **k: calls.append("cpu") or True)
+    assert megatron_compat.apply_for(cuda=True) == ["sequence_parallel_norm"] and calls == ["norm"]
     calls.clear()
-    assert cpu_compat.apply_for(cuda=False) == ["sequence_parallel_norm", "cpu"] and calls == ["norm", "cpu"]
+    assert megatron_compat.apply_for(cuda=False) == ["sequence_parallel_norm", "cpu"] and calls == ["norm", "cpu"]
     from megatron_rl import parallel
 
-    assert "cpu_compat.apply_for(cuda=torch.cuda.is_available())" in inspect.getsource(parallel.init_distributed)
+    assert "megatron_compat.apply_for(cuda=torch.cuda.is_available())" in inspect.getsource(parallel.init_distributed)
