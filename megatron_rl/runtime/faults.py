@@ -2,7 +2,7 @@
 nothing unless a test (or a test worker, e.g. tests/workers/ckpt_fault_cli.py) has installed a
 hook for that point. Production code never reads a fault setting itself.
 
-Points: ``"checkpoint.after_shards"`` (``step=, rank=``): every rank has written its dist
+Points: ``"checkpoint:after_shards"`` (``step=, rank=``): every rank has written its dist
 checkpoint shards, nothing else of the step's save exists yet.
 """
 from __future__ import annotations

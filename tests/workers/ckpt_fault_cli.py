@@ -42,5 +42,5 @@ def _hook(*, step: int, rank: int) -> None:
 
 if __name__ == "__main__":
     if os.environ.get(FAULT_ENV) is not None:
-        faults.install("checkpoint.after_shards", _hook)
+        faults.install("checkpoint:after_shards", _hook)
     sys.exit(cli.main())
