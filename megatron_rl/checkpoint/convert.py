@@ -101,9 +101,10 @@ def check_world(tp: int, pp: int) -> None:
 
 def validate(args) -> dict:
     """Check inputs and output; return what the workers need. Raises CheckpointError."""
-    from megatron_rl.checkpoint import hf as hfio
+    from megatron_rl.checkpoint import hf as hfio  # lazy: keeps torch/megatron out of CLI start-up
+    from megatron_rl.checkpoint import publish  # lazy: keeps torch out of CLI start-up
 
-    hfio.check_output_dir(args.out, overwrite=args.overwrite)
+    publish.check_output_dir(args.out, overwrite=args.overwrite)
     if args.mode == "hf-to-megatron":
         ckpt = hfio.open_hf(args.src)
         check_layout(ckpt.shape, tp=args.tp, pp=args.pp, vocab_divisible_by=args.vocab_divisible_by)
@@ -151,10 +152,11 @@ def _child_argv(args, mode: str, *, src: str, out: str, tmp: str, tp=None, pp=No
 
 def launch(args, info: dict) -> int:
     """Parent (not under torchrun): own the temporary output, run the ranks, publish."""
-    from megatron_rl.checkpoint import hf as hfio
+    from megatron_rl.checkpoint import hf as hfio  # lazy: keeps torch/megatron out of CLI start-up
+    from megatron_rl.checkpoint import publish  # lazy: keeps torch out of CLI start-up
     from megatron_rl.checkpoint import spmd
 
-    tmp = hfio.make_partial_dir(args.out)
+    tmp = publish.make_partial_dir(args.out)
     try:
         if args.mode == "reshard":
             meta = info["meta"]
@@ -172,7 +174,7 @@ def launch(args, info: dict) -> int:
         if rc != 0:
             print(f"error: convert {args.mode} failed (exit {rc}); no output written to {args.out}", file=sys.stderr)
             return rc
-        hfio.publish_dir(tmp, args.out, overwrite=args.overwrite)
+        publish.publish_dir(tmp, args.out, overwrite=args.overwrite)
         print(f"wrote {args.out}")
         return 0
     finally:
