@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from megatron_rl.checkpoint import convert
 from megatron_rl.checkpoint import hf as hfio
+from megatron_rl.checkpoint import publish
 from megatron_rl.checkpoint import megatron as mio
 from megatron_rl.models.tiny import make_tiny_model
 from megatron_rl.parallel.grid import RankGrid
@@ -151,7 +152,7 @@ def test_stream_writer_is_loadable_sharded_and_exact(models, tmp_path):
 
     ckpt = hfio.open_hf(models["qwen2"])
     out = str(tmp_path / "qwen2-copy")
-    with hfio.atomic_dir(out) as tmp:
+    with publish.atomic_dir(out) as tmp:
         with hfio.SafetensorsStreamWriter(tmp, shapes=ckpt.shape.canonical_shapes(), dtype=ckpt.dtype,
                                           max_shard_bytes=300_000) as w:
             for name in w.names:
@@ -174,7 +175,7 @@ def test_exception_mid_write_leaves_no_output(models, tmp_path):
     ckpt = hfio.open_hf(models["llama"])
     out = str(tmp_path / "never")
     with pytest.raises(RuntimeError, match="injected"):
-        with hfio.atomic_dir(out) as tmp:
+        with publish.atomic_dir(out) as tmp:
             with hfio.SafetensorsStreamWriter(tmp, shapes=ckpt.shape.canonical_shapes(), dtype=ckpt.dtype) as w:
                 for i, name in enumerate(w.names):
                     if i == 10:

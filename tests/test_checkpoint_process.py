@@ -11,6 +11,7 @@ import pytest
 
 from megatron_rl.checkpoint import CheckpointError
 from megatron_rl.checkpoint import hf as hfio
+from megatron_rl.checkpoint import publish
 
 pytestmark = pytest.mark.process
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,7 +49,7 @@ def test_sigkill_mid_write_leaves_no_output_and_next_run_succeeds(models, tmp_pa
         hfio.open_hf(os.path.join(tmp_path, partial[0]))  # it really is half-written
     # The next run into the same output succeeds and removes the dead run's temporary directory.
     ckpt = hfio.open_hf(models["llama"])
-    with hfio.atomic_dir(out) as tmp:
+    with publish.atomic_dir(out) as tmp:
         with hfio.SafetensorsStreamWriter(tmp, shapes=ckpt.shape.canonical_shapes(), dtype=ckpt.dtype) as w:
             for name in w.names:
                 w.write(name, ckpt.tensor(name))

@@ -1,7 +1,7 @@
 """Checkpoints: HF safetensors and megatron-core dist-checkpoints, moved through the layout algebra.
 
-- :mod:`.hf` reads HF checkpoints by slices (never a whole tensor it does not need) and writes
-  them atomically (temporary sibling directory, fsync, rename).
+- :mod:`.hf` reads HF checkpoints by slices (never a whole tensor it does not need) and streams
+  safetensors out; :mod:`.publish` makes every output atomic (temporary sibling, fsync, rename).
 - :mod:`.megatron` saves and loads megatron-core ``dist_checkpointing`` (torch_dist) checkpoints
   of models built by :mod:`megatron_rl.models`, with a small metadata file beside them.
 - :mod:`.convert` is the ``megatron-rl convert`` tool: HF -> Megatron at any TP/PP,

@@ -33,13 +33,9 @@ import torch.distributed as dist
 from megatron_rl.checkpoint import CheckpointError
 from megatron_rl.checkpoint import hf as hfio
 from megatron_rl.checkpoint import megatron as mio
-from megatron_rl.checkpoint import spmd
+from megatron_rl.checkpoint import publish, spmd
 from megatron_rl.parallel.grid import LayoutError, RankGrid
 from megatron_rl.resharding.layout import megatron_layout
-
-
-# torch-importing modules (hf, megatron, spmd) are imported inside functions: --help stays instant.
-
 
 
 def parse_args(argv):
@@ -107,7 +103,7 @@ def check_world(tp: int, pp: int) -> None:
 def validate(args) -> dict:
     """Check inputs and output; return what the workers need. Raises CheckpointError."""
 
-    hfio.check_output_dir(args.out, overwrite=args.overwrite)
+    publish.check_output_dir(args.out, overwrite=args.overwrite)
     if args.mode == "hf-to-megatron":
         ckpt = hfio.open_hf(args.src)
         check_layout(ckpt.shape, tp=args.tp, pp=args.pp, vocab_divisible_by=args.vocab_divisible_by)
@@ -154,7 +150,7 @@ def _child_argv(args, mode: str, *, src: str, out: str, tmp: str, tp=None, pp=No
 def launch(args, info: dict) -> int:
     """Parent (not under torchrun): own the temporary output, run the ranks, publish."""
 
-    tmp = hfio.make_partial_dir(args.out)
+    tmp = publish.make_partial_dir(args.out)
     try:
         if args.mode == "reshard":
             meta = info["meta"]
@@ -172,7 +168,7 @@ def launch(args, info: dict) -> int:
         if rc != 0:
             print(f"error: convert {args.mode} failed (exit {rc}); no output written to {args.out}", file=sys.stderr)
             return rc
-        hfio.publish_dir(tmp, args.out, overwrite=args.overwrite)
+        publish.publish_dir(tmp, args.out, overwrite=args.overwrite)
         print(f"wrote {args.out}")
         return 0
     finally:

@@ -23,12 +23,10 @@ Usage::
 """
 from __future__ import annotations
 
-import contextlib
 import glob
 import json
 import os
 import shutil
-import socket
 import struct
 
 import torch
@@ -36,6 +34,7 @@ from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig
 
 from megatron_rl.checkpoint import CheckpointError
+from megatron_rl.checkpoint.publish import close_synced, write_json
 from megatron_rl.parallel.grid import LayoutError
 from megatron_rl.resharding.layout import SUPPORTED_ARCHS, ModelShape
 
@@ -288,7 +287,7 @@ class SafetensorsStreamWriter:
         fname = self.file_of[name]
         if self._fh is None or os.path.basename(self._fh.name) != fname:
             if self._fh is not None:
-                _close_synced(self._fh)
+                close_synced(self._fh)
             shard = next(ns for f, ns in self._shards if f == fname)
             self._open_shard(fname, shard)
         t = tensor.detach().to(dtype=self.dtype, device="cpu").contiguous()
@@ -299,11 +298,11 @@ class SafetensorsStreamWriter:
         if self._next != len(self.names):
             raise RuntimeError(f"SafetensorsStreamWriter closed after {self._next} of {len(self.names)} tensors")
         if self._fh is not None:
-            _close_synced(self._fh)
+            close_synced(self._fh)
             self._fh = None
         if len(self.shard_files) > 1:
             index = {"metadata": {"total_size": self._total}, "weight_map": self.file_of}
-            _write_json(os.path.join(self.out_dir, INDEX), index)
+            write_json(os.path.join(self.out_dir, INDEX), index)
 
 
 def _numel(shape) -> int:
@@ -311,20 +310,6 @@ def _numel(shape) -> int:
     for s in shape:
         n *= s
     return n
-
-
-def _close_synced(fh) -> None:
-    fh.flush()
-    os.fsync(fh.fileno())
-    fh.close()
-
-
-def _write_json(path: str, obj) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
 
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", INDEX, "pytorch_model.bin.index.json")
@@ -341,102 +326,3 @@ def copy_hf_extras(src_dir: str, dst_dir: str) -> list[str]:
         shutil.copyfile(src, os.path.join(dst_dir, name))
         copied.append(name)
     return copied
-
-
-# ---------------------------------------------------------------------------------------------
-# Atomic output directories.
-
-
-def partial_prefix(out_dir: str) -> str:
-    out_dir = os.path.abspath(out_dir)
-    return os.path.join(os.path.dirname(out_dir), f".{os.path.basename(out_dir)}.partial-")
-
-
-def check_output_dir(out_dir: str, *, overwrite: bool = False, flag: str = "--out") -> None:
-    """Fail before any work when the output exists (unless ``overwrite``) or its parent is missing."""
-    out_dir = os.path.abspath(out_dir)
-    if os.path.exists(out_dir) and not overwrite:
-        _fail(f"{flag} {out_dir}", "output directory already exists",
-              "choose a new output path, or pass --overwrite to replace it")
-    parent = os.path.dirname(out_dir)
-    if not os.path.isdir(parent):
-        _fail(f"{flag} {out_dir}", f"parent directory {parent} does not exist", "create it first")
-    if not os.access(parent, os.W_OK):
-        _fail(f"{flag} {out_dir}", f"parent directory {parent} is not writable", "choose a writable location")
-
-
-def clean_stale_partials(out_dir: str) -> list[str]:
-    """Remove temporary siblings left by killed runs on this host (their pid is gone)."""
-    removed = []
-    host = socket.gethostname()
-    for p in glob.glob(partial_prefix(out_dir) + "*"):
-        tail = p[len(partial_prefix(out_dir)):]
-        h, _, pid = tail.rpartition("-")
-        if h == host and pid.isdigit() and not _pid_alive(int(pid)):
-            shutil.rmtree(p, ignore_errors=True)
-            removed.append(p)
-    return removed
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def make_partial_dir(out_dir: str) -> str:
-    """A fresh hidden sibling of ``out_dir`` to write into (named after this host and pid)."""
-    clean_stale_partials(out_dir)
-    tmp = f"{partial_prefix(out_dir)}{socket.gethostname()}-{os.getpid()}"
-    if os.path.exists(tmp):
-        shutil.rmtree(tmp)
-    os.makedirs(tmp)
-    return tmp
-
-
-def publish_dir(tmp: str, out_dir: str, *, overwrite: bool = False) -> None:
-    """fsync every file under ``tmp``, then rename it to ``out_dir`` (replacing it if asked)."""
-    out_dir = os.path.abspath(out_dir)
-    for root, _, names in os.walk(tmp):
-        for n in names:
-            fd = os.open(os.path.join(root, n), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(root)
-    old = None
-    if os.path.exists(out_dir):
-        if not overwrite:
-            _fail(out_dir, "appeared while converting", "choose a new output path, or pass --overwrite")
-        old = tmp + ".old"
-        os.rename(out_dir, old)
-    os.rename(tmp, out_dir)
-    _fsync_dir(os.path.dirname(out_dir))
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def atomic_dir(out_dir: str, *, overwrite: bool = False):
-    """Yield a temporary directory that becomes ``out_dir`` only if the block succeeds."""
-    check_output_dir(out_dir, overwrite=overwrite)
-    tmp = make_partial_dir(out_dir)
-    try:
-        yield tmp
-        publish_dir(tmp, out_dir, overwrite=overwrite)
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)

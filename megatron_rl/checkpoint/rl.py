@@ -44,7 +44,7 @@ import torch.distributed as dist
 
 from megatron_rl.checkpoint import CheckpointError
 from megatron_rl.checkpoint import megatron as mio
-from megatron_rl.checkpoint.hf import publish_dir
+from megatron_rl.checkpoint.publish import publish_marked
 from megatron_rl.compat import megatron_distopt
 from megatron_rl.parallel import collectives as coll
 from megatron_rl.runtime import faults
@@ -169,15 +169,6 @@ def _prune(root: str, *, keep: int, current: str) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _publish(tmp: str, final: str, *, meta: dict) -> None:
-    """Mark ``tmp`` complete, fsync it and rename it to ``final`` (replacing the same step saved again,
-    e.g. after a resume)."""
-    with open(os.path.join(tmp, COMPLETE), "w") as f:
-        json.dump(meta, f, indent=2, sort_keys=True)
-        f.write("\n")
-    publish_dir(tmp, final, overwrite=True)
-
-
 def save_rl_checkpoint(root: str, *, step: int, model, optimizer, extra: Optional[dict] = None, keep: int = 2,
                        config=None) -> str:
     """Save the full RL state as ``<root>/step_<step>`` (collective; atomic). Returns its path.
@@ -213,7 +204,7 @@ def save_rl_checkpoint(root: str, *, step: int, model, optimizer, extra: Optiona
     _all_ok(ok, what=tmp)
     final = os.path.join(root, f"step_{step}")
     if rank == 0:
-        _publish(tmp, final, meta={"step": step, "world_size": world, "time": time.time(),
+        publish_marked(tmp, final, marker=COMPLETE, meta={"step": step, "world_size": world, "time": time.time(),
                                    "format_version": FORMAT_VERSION, "versions": mio.versions()})
         _prune(root, keep=keep, current=final)
     coll.barrier()

@@ -30,6 +30,7 @@ from transformers import AutoConfig
 
 from megatron_rl.checkpoint import hf as hfio
 from megatron_rl.checkpoint import megatron as mio
+from megatron_rl.checkpoint import publish
 from megatron_rl.config import ParallelConfig
 from megatron_rl.models import build_gpt
 from megatron_rl.parallel import collectives as coll
@@ -107,7 +108,7 @@ def save_checkpoint(model, out: str, *, hf_dir: str, vocab_divisible_by: int = 1
     if tmp is not None:
         work(tmp)
     else:
-        atomic(out, work, overwrite=overwrite)
+        publish.atomic_collective(out, work, overwrite=overwrite)
 
 
 def load_checkpoint(model, ckpt_dir: str) -> mio.MegatronMeta:
@@ -209,21 +210,6 @@ def ensure_process_group(timeout_s: float = 300.0) -> None:
         dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
 
 
-def atomic(out: str, work, *, overwrite: bool = False) -> None:
-    """Run ``work(tmp)`` on every rank into a temporary sibling of ``out``; rank 0 publishes it."""
-    box = [hfio.make_partial_dir(out) if dist.get_rank() == 0 else None]
-    box[0] = coll.broadcast_object(box[0], src=0)
-    try:
-        work(box[0])
-        coll.barrier()
-        if dist.get_rank() == 0:
-            hfio.publish_dir(box[0], out, overwrite=overwrite)
-        coll.barrier()
-    finally:
-        if dist.get_rank() == 0 and os.path.exists(box[0]):
-            shutil.rmtree(box[0], ignore_errors=True)
-
-
 def convert(mode: str, *, src: str, out: str, overwrite: bool = False, tmp: Optional[str] = None, **kw) -> None:
     """Run ``mode`` on every rank into an atomic output (``tmp`` given: the caller publishes it)."""
     ensure_process_group()
@@ -231,4 +217,4 @@ def convert(mode: str, *, src: str, out: str, overwrite: bool = False, tmp: Opti
     if tmp is not None:
         work(src, tmp, **kw)
     else:
-        atomic(out, lambda path: work(src, path, **kw), overwrite=overwrite)
+        publish.atomic_collective(out, lambda path: work(src, path, **kw), overwrite=overwrite)

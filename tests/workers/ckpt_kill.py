@@ -9,6 +9,7 @@ import time
 from safetensors import safe_open
 
 from megatron_rl.checkpoint import hf as hfio
+from megatron_rl.checkpoint import publish
 
 
 def main():
@@ -16,7 +17,7 @@ def main():
     with safe_open(src, framework="pt") as f:
         tensors = {n: f.get_tensor(n) for n in f.keys()}
     shapes = {n: tuple(t.shape) for n, t in tensors.items()}
-    with hfio.atomic_dir(out) as tmp:
+    with publish.atomic_dir(out) as tmp:
         with hfio.SafetensorsStreamWriter(tmp, shapes=shapes, dtype=next(iter(tensors.values())).dtype) as w:
             for i, name in enumerate(w.names):
                 w.write(name, tensors[name])
