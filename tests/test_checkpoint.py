@@ -128,12 +128,15 @@ def test_bad_inputs_fail_before_work_with_one_clear_line(models, tmp_path, capsy
     os.makedirs(tmp_path / "plain")
     cases["plain half"] = (["megatron-to-hf", "--src", str(tmp_path / "plain"), "--out", out, "--hf-config", llama],
                            ["plain/metadata.json", "not a complete megatron-core dist checkpoint"])
+    # 15. A move bucket smaller than one row of a tensor (export and reshard are plans in buckets).
+    cases["bucket"] = (["megatron-to-hf", "--src", good, "--out", out, "--bucket-bytes", "100"],
+                       ["--bucket-bytes 100", "smaller than one row", "fix: pass --bucket-bytes"])
     for name, (argv, needles) in cases.items():
         line = _run_bad(argv, capsys, monkeypatch)
         for needle in needles:
             assert needle in line, f"{name}: {needle!r} not in {line!r}"
         assert not os.path.exists(out), name
-    # 15. World size != TP*PP under torchrun.
+    # 16. World size != TP*PP under torchrun.
     monkeypatch.setenv("WORLD_SIZE", "3")
     line = _run_bad(h2m + ["--src", llama, "--tp", "2", "--pp", "2"], capsys, monkeypatch)
     assert "WORLD_SIZE=3 != TP*PP = 2*2 = 4" in line and "--nproc-per-node 4" in line

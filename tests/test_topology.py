@@ -180,3 +180,22 @@ def test_rollout_grid_rejects_a_rollout_tp_that_does_not_divide_the_world():
 def test_pure_topology_has_no_groups():
     topo = Topology.pure(RankGrid(world_size=4, tp=2), rank=1, rollout_tp=2)
     assert topo.control_group is None and topo.pg_collection is None and topo.dp_cp_group is None
+
+
+def test_shard_of_a_topology_and_of_a_wrapped_model():
+    """The weight shard a loader fills: from the topology (tp fastest, pp slowest, written out
+    here for TP2 x DP2 x PP2) and from a wrapped model's own groups (DDP -> GPTModel)."""
+    from types import SimpleNamespace
+
+    from megatron_rl.parallel.topology import ShardCoord, model_shard
+
+    grid = RankGrid(world_size=8, tp=2, pp=2)
+    expect = {r: ShardCoord(tp=2, tp_rank=r % 2, pp=2, pp_rank=r // 4) for r in range(8)}
+    assert {r: Topology.pure(grid, rank=r).shard for r in range(8)} == expect
+
+    class Group:
+        def __init__(self, size, rank):
+            self.size, self.rank = (lambda: size), (lambda: rank)
+
+    gpt = SimpleNamespace(pg_collection=SimpleNamespace(tp=Group(4, 3), pp=Group(2, 1)))
+    assert model_shard(SimpleNamespace(module=SimpleNamespace(module=gpt))) == ShardCoord(4, 3, 2, 1)

@@ -1,15 +1,16 @@
-"""HF checkpoints: validated slice reads, and atomic streaming writes.
+"""HF checkpoints: the one reader (validated slice reads) and the safetensors writer.
 
 Reading never loads a whole tensor it does not need: :meth:`HFCheckpoint.read` takes one run of
 one canonical tensor through safetensors' ``get_slice``, which is exactly the ``ReadFn`` that
 :func:`megatron_rl.resharding.layout.assemble` wants. :func:`open_hf` validates the directory
 first (files, headers, architecture, every tensor's shape and dtype, vocab) and fails with one
-line naming the file and the fix.
+line naming the file and the fix. Conversion and training's initial load
+(:func:`megatron_rl.checkpoint.megatron.load_hf_into`) both read through it.
 
-Writing streams: :class:`SafetensorsStreamWriter` lays out every shard's header from the known
-shapes, then takes one tensor at a time, so the writer never holds more than one tensor.
-Output directories are written under a hidden temporary sibling, fsynced and renamed
-(:func:`atomic_dir`): a crash leaves either no output or the whole output, never half of it.
+Writing: :class:`SafetensorsStreamWriter` lays out every shard's header from the known shapes
+and takes one tensor at a time, in any order (a plan delivers tensors as their last bucket
+lands), each at its own offset; the output's bytes do not depend on the order. Outputs are
+written under a hidden temporary sibling and renamed (:mod:`.publish`).
 
 Usage::
 
