@@ -178,7 +178,7 @@ def load_model(model, ckpt_dir: str) -> None:
 
 
 def fill_local(params: dict[str, torch.Tensor], local: dict[str, LocalTensor], ckpt: HFCheckpoint, *,
-                 wrap: Callable = iter) -> int:
+               wrap: Callable = iter) -> int:
     """Copy every local tensor in ``local`` into ``params`` from HF slices (``assemble`` over
     ``ckpt.read``); ``wrap`` wraps the item iterator (a progress bar). Returns the count."""
     with torch.no_grad():
