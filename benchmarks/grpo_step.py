@@ -56,20 +56,32 @@ class GatherSync:
 
         shape = ModelShape.from_hf_config(AutoConfig.from_pretrained(cfg.model.hf_path))
         grid = RankGrid(world_size=job.world, tp=p.tp, pp=p.pp, cp=p.cp)
-        self.job, self.layout = job, sync_source_layout(job.eng.model, shape, grid,
-                                                        cfg.model.make_vocab_size_divisible_by)
+        self.job, self.shape = job, shape
+        self.layout = sync_source_layout(job.eng.model, shape, grid, cfg.model.make_vocab_size_divisible_by)
 
     def sync(self):
         import torch
         import torch.distributed as dist
 
-        from megatron_rl.checkpoint.megatron import local_params, stream_canonical
+        from megatron_rl.checkpoint.megatron import local_params
+        from megatron_rl.parallel import collectives as coll
+        from megatron_rl.resharding.executor import run_plan
+        from megatron_rl.resharding.layout import hf_layout
+        from megatron_rl.resharding.planner import make_plan
+        from megatron_rl.resharding.transport import TorchP2P
 
         params = local_params(self.job.eng.model[0])
-        rank, full = self.job.rank, []
-        for name, t in stream_canonical(self.layout, params, rank=rank, dst=0):
-            shape = self.layout.canon_shapes[name]
-            t = t if t is not None else torch.empty(shape, dtype=next(iter(params.values())).dtype)
+        dtype, device = next(iter(params.values())).dtype, coll.backend_device()
+        # Gather every canonical tensor whole on rank 0 (the plan to the HF layout), then broadcast.
+        plan = make_plan(self.layout, dst=hf_layout(self.shape, rank=0), bucket_bytes=self.job.cfg.sync.bucket_bytes,
+                         elem_size=torch.empty((), dtype=dtype).element_size())
+        got = {}
+        run_plan(plan, self.job.rank, get_src=params.__getitem__, deliver=got.__setitem__, transport=TorchP2P(),
+                 dst_dtype=dtype, device=device)
+        full = []
+        for name, shape in self.layout.canon_shapes.items():
+            t = got.pop(name, None)
+            t = t if t is not None else torch.empty(shape, dtype=dtype, device=device)
             dist.broadcast(t, src=0)
             full.append((name, t))
         self.job.rollout.update_weights(full)

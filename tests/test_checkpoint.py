@@ -1,4 +1,4 @@
-"""Tier 1: checkpoint validation, atomic writes and the canonical gather plan (no processes).
+"""Tier 1: checkpoint validation, atomic writes and the export plan (no processes).
 
 Every bad input must fail in the launching process, before any rank starts, with ONE line that
 names the file or field and the fix; the texts are asserted. An exception mid-write must leave
@@ -128,12 +128,15 @@ def test_bad_inputs_fail_before_work_with_one_clear_line(models, tmp_path, capsy
     os.makedirs(tmp_path / "plain")
     cases["plain half"] = (["megatron-to-hf", "--src", str(tmp_path / "plain"), "--out", out, "--hf-config", llama],
                            ["plain/metadata.json", "not a complete megatron-core dist checkpoint"])
+    # 15. A move bucket smaller than one row of a tensor (export and reshard are plans in buckets).
+    cases["bucket"] = (["megatron-to-hf", "--src", good, "--out", out, "--bucket-bytes", "100"],
+                       ["--bucket-bytes 100", "smaller than one row", "fix: pass --bucket-bytes"])
     for name, (argv, needles) in cases.items():
         line = _run_bad(argv, capsys, monkeypatch)
         for needle in needles:
             assert needle in line, f"{name}: {needle!r} not in {line!r}"
         assert not os.path.exists(out), name
-    # 15. World size != TP*PP under torchrun.
+    # 16. World size != TP*PP under torchrun.
     monkeypatch.setenv("WORLD_SIZE", "3")
     line = _run_bad(h2m + ["--src", llama, "--tp", "2", "--pp", "2"], capsys, monkeypatch)
     assert "WORLD_SIZE=3 != TP*PP = 2*2 = 4" in line and "--nproc-per-node 4" in line
@@ -201,25 +204,49 @@ def test_cli_failed_ranks_leave_no_output(models, tmp_path, monkeypatch, capsys)
     assert "no output written" in capsys.readouterr().err
 
 
+def _source_holds(held, op) -> bool:
+    """The op's source slice is, in the source layout, the canonical run the op writes."""
+    if held.dim != op.dim:  # a whole tensor (a norm), cut along another dim
+        return len(held.blocks) == 1 and held.blocks[0].canon == op.canon and op.src_offset == op.canon_start
+    return any(b.canon == op.canon and b.local_start <= op.src_offset
+               and op.src_offset + op.length <= b.local_start + b.length
+               and b.canon_start + op.src_offset - b.local_start == op.canon_start for b in held.blocks)
+
+
+def _writes_per_element(plan, shapes, *, drop_last: bool = False) -> dict:
+    """How often the plan's ops write each canonical element on rank 0 (counted per element)."""
+    counts = {n: torch.zeros(s, dtype=torch.int32) for n, s in shapes.items()}
+    ops = [op for bucket in plan.buckets for op in bucket][:-1 if drop_last else None]
+    for op in ops:
+        assert op.dst_rank == 0 and op.dst_name == op.canon
+        counts[op.dst_name].narrow(op.dim, op.dst_offset, op.length).add_(1)
+    return counts
+
+
 @pytest.mark.parametrize("family,tied", [("llama", False), ("qwen2", True), ("qwen3", False), ("llama", True)])
-def test_canonical_pieces_tile_every_tensor_once(family, tied):
-    """One source per canonical region, across TP, PP (tied embedding on two stages) and DP copies."""
+def test_export_plan_writes_every_canonical_element_once(family, tied):
+    """The export's plan (Megatron -> HF, every tensor whole on rank 0) writes every canonical
+    element exactly once, from a rank that holds it, across TP, PP (tied embedding on two
+    stages) and DP copies; a plan missing one op fails the same count (negative control)."""
     from megatron_rl.models.tiny import tiny_hf_config
+    from megatron_rl.resharding.layout import hf_layout
+    from megatron_rl.resharding.planner import make_plan
 
     shape = ModelShape.from_hf_config(tiny_hf_config(family, tied=tied))
+    shapes = shape.canonical_shapes()
     for tp, pp, world in [(1, 1, 1), (2, 2, 4), (2, 1, 4), (1, 4, 8), (2, 2, 8)]:
         if shape.kv_heads % tp:
             continue
-        grid = RankGrid(world_size=world, tp=tp, pp=pp)
-        lay = megatron_layout(shape, grid)
-        pieces = mio.canonical_pieces(lay)
-        assert set(pieces) == set(shape.canonical_shapes())
-        for name, ps in pieces.items():
-            total = sum(p.block.length for p in ps)
-            assert total == shape.canonical_shapes()[name][ps[0].dim], (name, tp, pp)
-            assert all(grid.coords(p.rank).dp == 0 for p in ps)  # DP replicas are never sources
-        emb = pieces["model.embed_tokens.weight"]
-        assert {p.local for p in emb} == {"embedding.word_embeddings.weight"}  # never the tied last-stage copy
+        lay = megatron_layout(shape, RankGrid(world_size=world, tp=tp, pp=pp))
+        plan = make_plan(lay, dst=hf_layout(shape, rank=0), bucket_bytes=1 << 16, elem_size=4)
+        for op in (op for bucket in plan.buckets for op in bucket):
+            assert _source_holds(lay.ranks[op.src_rank][op.src_name], op), (op, tp, pp)
+        counts = _writes_per_element(plan, shapes)
+        assert set(counts) == set(shapes)
+        for name, c in counts.items():
+            assert bool((c == 1).all()), (name, tp, pp, int(c.min()), int(c.max()))
+        short = _writes_per_element(plan, shapes, drop_last=True)
+        assert not all(bool((c == 1).all()) for c in short.values())
 
 
 def test_broken_checkpoint_module_is_an_error_not_no_checkpoint(tmp_path, monkeypatch):

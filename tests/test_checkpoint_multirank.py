@@ -4,7 +4,8 @@ One torchrun launch (world 4) converts each tiny family to Megatron at every (TP
 {(1,1), (2,1), (1,2), (2,2), (4,1)} (DP fills the world), loads a fresh model from each
 converted checkpoint and compares its logits with HF transformers' (fp32, max abs <= 1e-5);
 qwen2 skips (4,1) because TP 4 does not divide its 2 kv heads. The same launch checks
-HF -> M(2,2) -> HF and M(2,2) -> M(1,1) -> HF bitwise for every tensor, and (last) the RL-checkpoint
+HF -> M(2,2) -> HF and M(2,2) -> M(1,1) -> HF bitwise for every tensor (and the resharded
+checkpoint's global tensors against its source's, with a negative control), and (last) the RL-checkpoint
 round trip of the distributed optimizer (moved here from test_rl_checkpoint.py to share the world-4
 launch). A further test drives the real CLI (the launching parent, its own torchrun runs, the
 atomic publish) for a reshard.
@@ -63,10 +64,31 @@ def _global_tensors(ckpt_dir):
     return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
 
 
-def test_cli_reshard_matches_direct_conversion(matrix):
-    """`convert reshard` (two torchruns launched by the tool) == converting HF at the target layout.
+def _differing(a: dict, b: dict) -> list:
+    return sorted(k for k in set(a) | set(b) if k not in a or k not in b or a[k].dtype != b[k].dtype
+                  or a[k].shape != b[k].shape or not torch.equal(a[k], b[k]))
 
-    TP1 x PP2 -> TP2 x PP1 changes both degrees; each of the tool's torchruns has 2 ranks."""
+
+def test_reshard_is_bitwise_equal_to_its_source(matrix):
+    """M(2,2) -> M(1,1) by the plan: every global tensor of the resharded checkpoint equals the
+    source checkpoint's, bit for bit. Negative control: one element moved by one ulp in a copy
+    of the source is found, and only that tensor."""
+    out, _, _ = matrix
+    for f in FAMILIES:
+        src = _global_tensors(os.path.join(out, "work", f"{f}-tp2pp2"))
+        got = _global_tensors(os.path.join(out, "work", f"{f}-tp1pp1-from22"))
+        assert len(src) >= 9 and _differing(src, got) == [], f  # 9: the layers are stacked
+        key = sorted(k for k in src if src[k].is_floating_point() and src[k].numel() > 1)[0]
+        nudged = dict(src, **{key: src[key].clone()})
+        flat = nudged[key].view(-1)
+        flat[1] = torch.nextafter(flat[1], torch.tensor(float("inf"), dtype=flat.dtype))
+        assert _differing(nudged, got) == [key], f
+
+
+def test_cli_reshard_matches_direct_conversion(matrix):
+    """`convert reshard` (one torchrun launched by the tool) == converting HF at the target layout.
+
+    TP1 x PP2 -> TP2 x PP1 changes both degrees; the tool's torchrun has lcm(2, 2) = 2 ranks."""
     out, _, _ = matrix
     src = os.path.join(out, "work", "qwen3-tp1pp2")
     dst = os.path.join(out, "cli-qwen3-tp2pp1")

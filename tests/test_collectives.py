@@ -159,16 +159,25 @@ def test_checksum_weights_live_on_the_tensor_device():
         checksum(torch.empty(10, device="meta"))
 
 
-def test_stream_canonical_receives_on_the_group_device(fake_nccl):
-    from megatron_rl.checkpoint import megatron as mio
+def test_hf_export_receives_on_the_group_device(fake_nccl, monkeypatch):
+    """The export's move (the plan Megatron -> HF run by the sync executor) stages and receives
+    on the group's device: rank 0 of a TP2 layout receives rank 1's half of every split tensor."""
+    from megatron_rl.checkpoint import spmd
     from megatron_rl.parallel.grid import RankGrid
     from megatron_rl.models.shape import ModelShape
-    from megatron_rl.resharding.layout import megatron_layout, megatron_rank_tensors
+    from megatron_rl.resharding.layout import hf_layout, megatron_layout, megatron_rank_tensors
 
+    monkeypatch.setattr(coll.dist, "get_rank", lambda group=None: 0)
+    monkeypatch.setattr(coll.dist, "P2POp", lambda fn, t, peer, group=None, tag=0: (fn, t))
+
+    def batch(ops):
+        fake_nccl.seen.extend(("irecv" if fn is coll.dist.irecv else "isend", t.device.type) for fn, t in ops)
+        raise fake_nccl.Reached("batch_isend_irecv")
+    monkeypatch.setattr(coll.dist, "batch_isend_irecv", batch)
     shape = ModelShape(hidden=32, heads=2, kv_heads=2, head_dim=16, ffn=64, layers=1, vocab=128)
     layout = megatron_layout(shape, RankGrid(world_size=2, tp=2, pp=1, cp=1))
+    params = {n: torch.zeros(lt.shape) for n, lt in megatron_rank_tensors(shape, tp=2, pp=1, tp_rank=0, pp_rank=0).items()}
     with pytest.raises(fake_nccl.Reached):
-        params = {n: torch.zeros(lt.shape) for n, lt in
-                  megatron_rank_tensors(shape, tp=2, pp=1, tp_rank=0, pp_rank=0).items()}
-        next(iter(mio.stream_canonical(layout, params, rank=0, dst=0)))
-    assert fake_nccl.seen == [("irecv", "meta")]
+        spmd.move(layout, params, dst=hf_layout(shape, rank=0), deliver=lambda n, t: None, dtype=torch.float32)
+    assert fake_nccl.seen and {d for _, d in fake_nccl.seen} == {"meta"}, fake_nccl.seen
+    assert {name for name, _ in fake_nccl.seen} == {"irecv"}  # rank 0 only receives: it is the HF rank

@@ -21,20 +21,13 @@ pytestmark = pytest.mark.unit
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "megatron_rl"
 
-# Modules the "mover" helper (issue 12, Build item 2) rewrites to take explicit tp/pp ranks.
-# The lead deletes this set after merging the mover; the scan then covers them too.
-KNOWN_READERS_UNTIL_MOVER_MERGES = {"checkpoint/", "models/hf_weights.py"}
 MAX_READERS = 2
 FORMULA_HOME = "parallel/grid.py"
 
 
-def _modules(root: pathlib.Path, *, skip=frozenset()) -> dict[str, ast.AST]:
-    out = {}
-    for path in sorted(root.rglob("*.py")):
-        rel = path.relative_to(root).as_posix()
-        if not any(rel == s or (s.endswith("/") and rel.startswith(s)) for s in skip):
-            out[rel] = ast.parse(path.read_text(), filename=str(path))
-    return out
+def _modules(root: pathlib.Path) -> dict[str, ast.AST]:
+    return {path.relative_to(root).as_posix(): ast.parse(path.read_text(), filename=str(path))
+            for path in sorted(root.rglob("*.py"))}
 
 
 # -- (a) parallel_state readers -----------------------------------------------------------------
@@ -60,12 +53,12 @@ def reads_parallel_state(tree: ast.AST) -> bool:
     return False
 
 
-def _readers(root: pathlib.Path, *, skip=frozenset()) -> list[str]:
-    return [rel for rel, tree in _modules(root, skip=skip).items() if reads_parallel_state(tree)]
+def _readers(root: pathlib.Path) -> list[str]:
+    return [rel for rel, tree in _modules(root).items() if reads_parallel_state(tree)]
 
 
 def test_parallel_state_is_read_in_at_most_two_modules():
-    readers = _readers(PACKAGE, skip=KNOWN_READERS_UNTIL_MOVER_MERGES)
+    readers = _readers(PACKAGE)
     assert "parallel/__init__.py" in readers, readers  # the scan sees the one module that must read it
     assert len(readers) <= MAX_READERS, f"megatron's parallel_state is read in {readers}; pass the Topology instead"
 
@@ -187,3 +180,22 @@ def test_rollout_grid_rejects_a_rollout_tp_that_does_not_divide_the_world():
 def test_pure_topology_has_no_groups():
     topo = Topology.pure(RankGrid(world_size=4, tp=2), rank=1, rollout_tp=2)
     assert topo.control_group is None and topo.pg_collection is None and topo.dp_cp_group is None
+
+
+def test_shard_of_a_topology_and_of_a_wrapped_model():
+    """The weight shard a loader fills: from the topology (tp fastest, pp slowest, written out
+    here for TP2 x DP2 x PP2) and from a wrapped model's own groups (DDP -> GPTModel)."""
+    from types import SimpleNamespace
+
+    from megatron_rl.parallel.topology import ShardCoord, model_shard
+
+    grid = RankGrid(world_size=8, tp=2, pp=2)
+    expect = {r: ShardCoord(tp=2, tp_rank=r % 2, pp=2, pp_rank=r // 4) for r in range(8)}
+    assert {r: Topology.pure(grid, rank=r).shard for r in range(8)} == expect
+
+    class Group:
+        def __init__(self, size, rank):
+            self.size, self.rank = (lambda: size), (lambda: rank)
+
+    gpt = SimpleNamespace(pg_collection=SimpleNamespace(tp=Group(4, 3), pp=Group(2, 1)))
+    assert model_shard(SimpleNamespace(module=SimpleNamespace(module=gpt))) == ShardCoord(4, 3, 2, 1)

@@ -6,23 +6,27 @@ Three modes, all through canonical (HF-named) regions of the layout algebra
 - ``hf-to-megatron``: every rank builds its megatron-core model (``megatron_rl.models``), fills
   each local tensor with :func:`~megatron_rl.resharding.layout.assemble` from safetensors slices,
   and saves with ``dist_checkpointing`` (torch_dist);
-- ``megatron-to-hf``: every rank loads the checkpoint into its model at the saved layout; each
-  canonical tensor in turn is assembled on rank 0 from the ranks' pieces (point-to-point) and
-  streamed into safetensors shards;
-- ``reshard``: Megatron(TP a, PP b) -> canonical safetensors (staged inside the temporary output)
-  -> Megatron(TP c, PP d).
+- ``megatron-to-hf``: every rank loads the checkpoint into its model at the saved layout; the
+  plan from that layout to the HF layout (every tensor whole, on rank 0) runs through the live
+  sync's executor in buckets of ``--bucket-bytes`` into safetensors shards;
+- ``reshard``: Megatron(TP a, PP b) -> Megatron(TP c, PP d) by the plan between the two layouts,
+  in one torchrun of lcm(a*b, c*d) ranks.
 
-Run it plainly: it validates everything, then launches ``torchrun`` with TP*PP ranks itself.
-Under your own ``torchrun`` (``hf-to-megatron`` / ``megatron-to-hf`` only) the world size must equal
-TP*PP. Outputs are written to a hidden temporary sibling and renamed when complete.
+``--verify`` (export and reshard) compares every moved slice's checksum at its source and its
+destination and fails on any difference.
+
+Run it plainly: it validates everything, then launches ``torchrun`` itself (TP*PP ranks; for a
+reshard lcm of both layouts' sizes). Under your own ``torchrun`` the world size must equal that
+number. Outputs are written to a hidden temporary sibling and renamed when complete.
 
     megatron-rl convert hf-to-megatron --src runs/tiny-llama --out runs/llama-tp2pp2 --tp 2 --pp 2
     megatron-rl convert megatron-to-hf --src runs/llama-tp2pp2 --out runs/llama-hf
-    megatron-rl convert reshard --src runs/llama-tp2pp2 --out runs/llama-tp1pp1 --tp 1 --pp 1
+    megatron-rl convert reshard --src runs/llama-tp2pp2 --out runs/llama-tp1pp1 --tp 1 --pp 1 --verify
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shutil
 import subprocess
@@ -56,6 +60,10 @@ def parse_args(argv):
         p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
         p.add_argument("--_tmp", dest="tmp", help=argparse.SUPPRESS)  # set by the launching parent
+    for p in (m2h, rsh):
+        p.add_argument("--bucket-bytes", type=int, default=spmd.BUCKET_BYTES,
+                       help=f"bytes per rank and bucket of the move (default {spmd.BUCKET_BYTES}, as sync.bucket_bytes)")
+        p.add_argument("--verify", action="store_true", help="compare every moved slice's checksums (one all-reduce)")
     for p in (h2m, rsh):
         p.add_argument("--tp", type=int, required=True, help="tensor-parallel size of the output")
         p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size of the output (default 1)")
@@ -93,11 +101,21 @@ def check_layout(shape, *, tp: int, pp: int, vocab_divisible_by: int = 128) -> R
     return grid
 
 
-def check_world(tp: int, pp: int) -> None:
-    world = os.environ.get("WORLD_SIZE")
-    if world is not None and int(world) != tp * pp:
-        raise CheckpointError(f"WORLD_SIZE={world} != TP*PP = {tp}*{pp} = {tp * pp}; fix: launch torchrun with "
-                              f"--nproc-per-node {tp * pp}, or run the tool without torchrun (it launches its own)")
+def check_world(info: dict) -> None:
+    world, nproc = os.environ.get("WORLD_SIZE"), info["nproc"]
+    if world is not None and int(world) != nproc:
+        need = info.get("why") or f"TP*PP = {info['tp']}*{info['pp']} = {nproc}"
+        raise CheckpointError(f"WORLD_SIZE={world} != {need}; fix: launch torchrun with "
+                              f"--nproc-per-node {nproc}, or run the tool without torchrun (it launches its own)")
+
+
+def check_bucket(shape, *, bucket_bytes: int, dtype: str) -> None:
+    """The move's bucket must hold one row of every tensor, along either dimension a layout splits."""
+    elem = hfio.torch_dtype(dtype).itemsize
+    need, name = max((math.prod(s) // s[d] * elem, n) for n, s in shape.canonical_shapes().items() for d in range(len(s)))
+    if bucket_bytes < need:
+        raise CheckpointError(f"--bucket-bytes {bucket_bytes}: smaller than one row ({need} bytes) of {name}; "
+                              f"fix: pass --bucket-bytes {need} or more")
 
 
 def validate(args) -> dict:
@@ -107,15 +125,17 @@ def validate(args) -> dict:
     if args.mode == "hf-to-megatron":
         ckpt = hfio.open_hf(args.src)
         check_layout(ckpt.shape, tp=args.tp, pp=args.pp, vocab_divisible_by=args.vocab_divisible_by)
-        return dict(tp=args.tp, pp=args.pp, shape=ckpt.shape)
+        return dict(tp=args.tp, pp=args.pp, shape=ckpt.shape, nproc=args.tp * args.pp)
     meta = _meta_for(args)
     if args.mode == "reshard":
-        if os.environ.get("WORLD_SIZE"):
-            raise CheckpointError("reshard: running under torchrun; fix: run reshard without torchrun "
-                                  "(it launches one torchrun per layout)")
         check_layout(meta.model_shape, tp=args.tp, pp=args.pp, vocab_divisible_by=meta.vocab_divisible_by)
-        return dict(tp=args.tp, pp=args.pp, shape=meta.model_shape, meta=meta)
-    return dict(tp=meta.tp, pp=meta.pp, shape=meta.model_shape, meta=meta)
+        check_bucket(meta.model_shape, bucket_bytes=args.bucket_bytes, dtype=meta.param_dtype)
+        a, b = meta.tp * meta.pp, args.tp * args.pp
+        nproc = math.lcm(a, b)  # whole replicas of both layouts
+        return dict(tp=args.tp, pp=args.pp, shape=meta.model_shape, meta=meta, nproc=nproc,
+                    why=f"lcm(source TP*PP, TP*PP) = lcm({a}, {b}) = {nproc}")
+    check_bucket(meta.model_shape, bucket_bytes=args.bucket_bytes, dtype=args.dtype or meta.hf_dtype)
+    return dict(tp=meta.tp, pp=meta.pp, shape=meta.model_shape, meta=meta, nproc=meta.tp * meta.pp)
 
 
 def _meta_for(args):
@@ -138,33 +158,12 @@ def _torchrun(argv: list[str], nproc: int) -> int:
     return subprocess.run(cmd, env=env).returncode
 
 
-def _child_argv(args, mode: str, *, src: str, out: str, tmp: str, tp=None, pp=None, extra=()) -> list[str]:
-    argv = [mode, "--src", src, "--out", out, "--_tmp", tmp, "--overwrite"]
-    if tp is not None:
-        argv += ["--tp", str(tp), "--pp", str(pp)]
-    if args.no_progress:
-        argv.append("--no-progress")
-    return argv + list(extra)
-
-
 def launch(args, info: dict) -> int:
     """Parent (not under torchrun): own the temporary output, run the ranks, publish."""
 
     tmp = publish.make_partial_dir(args.out)
     try:
-        if args.mode == "reshard":
-            meta = info["meta"]
-            stage = os.path.join(tmp, spmd.STAGE)
-            os.makedirs(stage)
-            rc = _torchrun(_child_argv(args, "megatron-to-hf", src=args.src, out=stage, tmp=stage,
-                                       extra=["--dtype", meta.param_dtype]), meta.tp * meta.pp)
-            if rc == 0:
-                rc = _torchrun(_child_argv(args, "hf-to-megatron", src=stage, out=tmp, tmp=tmp, tp=args.tp, pp=args.pp,
-                                           extra=["--vocab-divisible-by", str(meta.vocab_divisible_by)]),
-                               args.tp * args.pp)
-            shutil.rmtree(stage, ignore_errors=True)
-        else:
-            rc = _torchrun(args.raw_argv + ["--_tmp", tmp], info["tp"] * info["pp"])
+        rc = _torchrun(args.raw_argv + ["--_tmp", tmp], info["nproc"])
         if rc != 0:
             print(f"error: convert {args.mode} failed (exit {rc}); no output written to {args.out}", file=sys.stderr)
             return rc
@@ -182,9 +181,12 @@ def run_spmd(args) -> int:
 
     if args.mode == "hf-to-megatron":
         kw = dict(tp=args.tp, pp=args.pp, vocab_divisible_by=args.vocab_divisible_by, param_dtype=args.param_dtype)
+    elif args.mode == "reshard":
+        kw = dict(tp=args.tp, pp=args.pp, bucket_bytes=args.bucket_bytes, verify=args.verify)
     else:
-        kw = dict(dtype=args.dtype, max_shard_bytes=int(args.max_shard_size * 2**30))
-        if args.mode == "megatron-to-hf" and args.hf_config:
+        kw = dict(dtype=args.dtype, max_shard_bytes=int(args.max_shard_size * 2**30), bucket_bytes=args.bucket_bytes,
+                  verify=args.verify)
+        if args.hf_config:
             kw.update(hf_dir=args.hf_config, tp=args.tp, pp=args.pp, vocab_divisible_by=args.vocab_divisible_by)
     try:
         spmd.convert(args.mode, src=args.src, out=args.out, overwrite=args.overwrite, tmp=args.tmp,
@@ -206,7 +208,7 @@ def main(argv=None) -> int:
             info = validate(args)
             if not os.environ.get("WORLD_SIZE"):
                 return launch(args, info)
-            check_world(info["tp"], info["pp"])
+            check_world(info)
         return run_spmd(args)
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,15 +1,16 @@
-"""HF checkpoints: validated slice reads, and atomic streaming writes.
+"""HF checkpoints: the one reader (validated slice reads) and the safetensors writer.
 
 Reading never loads a whole tensor it does not need: :meth:`HFCheckpoint.read` takes one run of
 one canonical tensor through safetensors' ``get_slice``, which is exactly the ``ReadFn`` that
 :func:`megatron_rl.resharding.layout.assemble` wants. :func:`open_hf` validates the directory
 first (files, headers, architecture, every tensor's shape and dtype, vocab) and fails with one
-line naming the file and the fix.
+line naming the file and the fix. Conversion and training's initial load
+(:func:`megatron_rl.checkpoint.megatron.load_hf_into`) both read through it.
 
-Writing streams: :class:`SafetensorsStreamWriter` lays out every shard's header from the known
-shapes, then takes one tensor at a time, so the writer never holds more than one tensor.
-Output directories are written under a hidden temporary sibling, fsynced and renamed
-(:func:`atomic_dir`): a crash leaves either no output or the whole output, never half of it.
+Writing: :class:`SafetensorsStreamWriter` lays out every shard's header from the known shapes
+and takes one tensor at a time, in any order (a plan delivers tensors as their last bucket
+lands), each at its own offset; the output's bytes do not depend on the order. Outputs are
+written under a hidden temporary sibling and renamed (:mod:`.publish`).
 
 Usage::
 
@@ -224,82 +225,88 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 class SafetensorsStreamWriter:
-    """Write known tensors, in a fixed order, one at a time, into HF safetensors shards.
+    """Write known tensors, one at a time and in any order, into HF safetensors shards.
 
-    ``shapes`` fixes names, order and shapes up front, so each shard's header is written
-    before its data; :meth:`write` must be called once per name, in ``names`` order.
+    ``shapes`` fixes names, order and shapes up front: the shard a tensor goes to and its byte
+    offset there follow from ``names`` (the canonical order), so every shard's header is
+    written when the shard is first touched and each tensor lands at its own offset. The bytes
+    of the output do not depend on the order of the :meth:`write` calls (a plan delivers
+    tensors in its bucket order); each name must be written exactly once.
     """
 
     def __init__(self, out_dir: str, *, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype,
                  max_shard_bytes: int = 5 * 2**30):
         self.out_dir, self.dtype, self.names = out_dir, dtype, list(shapes)
         self.shapes = dict(shapes)
-        itemsize = torch.empty((), dtype=dtype).element_size()
+        self._itemsize = torch.empty((), dtype=dtype).element_size()
         shards: list[list[str]] = [[]]
         size = 0
         for n in self.names:
-            nbytes = itemsize * _numel(shapes[n])
+            nbytes = self._nbytes(n)
             if shards[-1] and size + nbytes > max_shard_bytes:
                 shards.append([])
                 size = 0
             shards[-1].append(n)
             size += nbytes
         k = len(shards)
-        self.file_of = {}
         self.shard_files = [SINGLE if k == 1 else f"model-{i + 1:05d}-of-{k:05d}.safetensors" for i in range(k)]
-        for fname, names in zip(self.shard_files, shards):
-            for n in names:
-                self.file_of[n] = fname
-        self._shards = list(zip(self.shard_files, shards))
-        self._next = 0
-        self._fh = None
-        self._total = sum(itemsize * _numel(s) for s in shapes.values())
+        self.file_of = {n: fname for fname, names in zip(self.shard_files, shards) for n in names}
+        self._shards = dict(zip(self.shard_files, shards))
+        self._offset: dict[str, int] = {}  # name -> absolute byte offset in its shard file
+        self._fh: dict[str, object] = {}  # shard file -> open handle
+        self._written: set[str] = set()
+        self._total = sum(self._nbytes(n) for n in self.names)
+
+    def _nbytes(self, name: str) -> int:
+        return self._itemsize * _numel(self.shapes[name])
 
     def __enter__(self):
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
         if exc_type is None:
             self.close()
+        for fh in self._fh.values():
+            fh.close()
+        self._fh.clear()
 
-    def _open_shard(self, fname: str, names: list[str]) -> None:
-        itemsize = torch.empty((), dtype=self.dtype).element_size()
+    def _open_shard(self, fname: str):
         header, off = {}, 0
-        for n in names:
-            nbytes = itemsize * _numel(self.shapes[n])
+        for n in self._shards[fname]:
+            nbytes = self._nbytes(n)
             header[n] = {"dtype": _ST_DTYPES[self.dtype], "shape": list(self.shapes[n]), "data_offsets": [off, off + nbytes]}
             off += nbytes
         header["__metadata__"] = {"format": "pt"}
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # the data buffer starts 8-byte aligned
-        self._fh = open(os.path.join(self.out_dir, fname), "wb")
-        self._fh.write(struct.pack("<Q", len(raw)) + raw)
+        base = 8 + len(raw)
+        for n in self._shards[fname]:
+            self._offset[n] = base + header[n]["data_offsets"][0]
+        fh = self._fh[fname] = open(os.path.join(self.out_dir, fname), "wb")
+        fh.write(struct.pack("<Q", len(raw)) + raw)
+        fh.truncate(base + off)  # the whole shard's length; every byte is written before close
+        return fh
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        if self._next >= len(self.names) or self.names[self._next] != name:
-            raise RuntimeError(f"SafetensorsStreamWriter: got {name!r}, expected "
-                               f"{self.names[self._next] if self._next < len(self.names) else 'no more tensors'}")
+        if name not in self.shapes or name in self._written:
+            why = "written twice" if name in self._written else "not in this checkpoint"
+            raise RuntimeError(f"SafetensorsStreamWriter: tensor {name!r} is {why}")
         if tuple(tensor.shape) != tuple(self.shapes[name]):
             raise RuntimeError(f"{name}: shape {tuple(tensor.shape)} != {self.shapes[name]}")
         fname = self.file_of[name]
-        if self._fh is None or os.path.basename(self._fh.name) != fname:
-            if self._fh is not None:
-                close_synced(self._fh)
-            shard = next(ns for f, ns in self._shards if f == fname)
-            self._open_shard(fname, shard)
+        fh = self._fh.get(fname) or self._open_shard(fname)
         t = tensor.detach().to(dtype=self.dtype, device="cpu").contiguous()
-        self._fh.write(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-        self._next += 1
+        fh.seek(self._offset[name])
+        fh.write(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        self._written.add(name)
 
     def close(self) -> None:
-        if self._next != len(self.names):
-            raise RuntimeError(f"SafetensorsStreamWriter closed after {self._next} of {len(self.names)} tensors")
-        if self._fh is not None:
-            close_synced(self._fh)
-            self._fh = None
+        if len(self._written) != len(self.names):
+            missing = [n for n in self.names if n not in self._written]
+            raise RuntimeError(f"SafetensorsStreamWriter closed after {len(self._written)} of {len(self.names)} "
+                               f"tensors (missing {missing[:2]})")
+        for fname in self.shard_files:  # every name written: every shard is open
+            close_synced(self._fh.pop(fname))
         if len(self.shard_files) > 1:
             index = {"metadata": {"total_size": self._total}, "weight_map": self.file_of}
             write_json(os.path.join(self.out_dir, INDEX), index)

@@ -10,30 +10,33 @@ A Megatron checkpoint directory written by :mod:`megatron_rl.checkpoint.convert`
 - ``hf/``: the source model's ``config.json``, generation config and tokenizer files, so the
   way back to HF needs nothing else.
 
-:func:`canonical_pieces` (pure) picks, for every canonical tensor, one source rank per region
-from a :class:`~megatron_rl.resharding.layout.Layout`; :func:`stream_canonical` moves one
-canonical tensor at a time to the writer rank with point-to-point sends, so no rank ever holds
-more than its own shard plus one canonical tensor.
+The model side: :func:`save_model` / :func:`load_model` (dist-checkpointing, collective), and
+:func:`load_hf_into`, which fills a model's own shard from an HF checkpoint through the layout
+algebra, reading only that shard's slices (the one HF reader, :class:`~.hf.HFCheckpoint`).
+Moving weights *between* ranks (export to HF, reshard, live sync) is a plan run by
+:func:`megatron_rl.resharding.executor.run_plan`; nothing here moves bytes between ranks.
 
 Usage (every rank, under torchrun)::
 
-    load_model(model, ckpt_dir)
-    for name, full in stream_canonical(layout, local_params(model), rank=rank, dst=0):
-        if rank == 0: writer.write(name, full)
+    load_hf_into(chunks, "runs/tiny-llama", topo=topo)   # this rank's shard, from HF slices
+    load_model(model, ckpt_dir)                          # or from a dist checkpoint
 """
 from __future__ import annotations
 
 import json
 import os
 from dataclasses import asdict, dataclass
-from typing import Iterator, Optional
+from typing import Callable, Optional
 
 import torch
+import torch.distributed as dist
 
 from megatron_rl.checkpoint import CheckpointError
-from megatron_rl.checkpoint.hf import _load_config
-from megatron_rl.parallel import collectives as coll
-from megatron_rl.resharding.layout import Block, Layout, ModelShape, padded_vocab
+from megatron_rl.checkpoint.hf import HFCheckpoint, _load_config, open_hf
+from megatron_rl.errors import LayoutError
+from megatron_rl.parallel.topology import Topology, model_shard
+from megatron_rl.resharding.layout import LocalTensor, ModelShape, assemble, megatron_rank_tensors, padded_vocab, \
+    uses_te_names
 
 
 META = "megatron_rl.json"
@@ -174,80 +177,35 @@ def load_model(model, ckpt_dir: str) -> None:
                               f"unexpected {unexpected[:3]}); fix: convert from the matching HF model")
 
 
-# ---------------------------------------------------------------------------------------------
-# Canonical streaming.
+def fill_local(params: dict[str, torch.Tensor], local: dict[str, LocalTensor], ckpt: HFCheckpoint, *,
+               wrap: Callable = iter) -> int:
+    """Copy every local tensor in ``local`` into ``params`` from HF slices (``assemble`` over
+    ``ckpt.read``); ``wrap`` wraps the item iterator (a progress bar). Returns the count."""
+    with torch.no_grad():
+        for name, lt in wrap(local.items()):
+            p = params[name]
+            p.copy_(assemble(lt, ckpt.read, dtype=p.dtype, device=p.device))
+    return len(local)
 
 
-@dataclass(frozen=True)
-class Piece:
-    """Region ``block`` of canonical tensor, held by ``rank`` in local tensor ``local`` along ``dim``."""
+def load_hf_into(chunks: list, hf_path: str, *, topo: Optional[Topology] = None, hf_config=None,
+                 vocab_divisible_by: int = 128) -> int:
+    """Copy HF weights into ``chunks`` (one GPTModel chunk), reading only this rank's slices.
 
-    rank: int
-    local: str
-    dim: int
-    block: Block
-
-
-def canonical_pieces(layout: Layout) -> dict[str, list[Piece]]:
-    """For every canonical tensor, one source per region (the lowest rank that holds it).
-
-    Replicas (TP-replicated norms, the tied embedding's last-stage copy, DP/CP copies) are
-    dropped; the chosen regions must tile the canonical tensor exactly, or this raises.
+    The shard comes from ``topo`` (or, without one, from the model's own process groups).
+    Returns the number of parameters filled; raises when the model and the layout disagree.
     """
-    out: dict[str, list[Piece]] = {n: [] for n in layout.canon_shapes}
-    seen: dict[str, set] = {n: set() for n in layout.canon_shapes}
-    for rank in sorted(layout.ranks):
-        for lt in layout.ranks[rank].values():
-            for b in lt.blocks:
-                key = (lt.dim, b.canon_start, b.length)
-                if key not in seen[b.canon]:
-                    seen[b.canon].add(key)
-                    out[b.canon].append(Piece(rank, lt.name, lt.dim, b))
-    for name, pieces in out.items():
-        size = layout.canon_shapes[name]
-        dims = {p.dim for p in pieces}
-        cover = sorted((p.block.canon_start, p.block.length) for p in pieces)
-        pos = 0
-        for start, length in cover:
-            if start != pos:
-                break
-            pos += length
-        if len(dims) != 1 or pos != size[dims.pop()]:
-            raise RuntimeError(f"layout does not tile canonical tensor {name} exactly: {cover}")
-    return out
-
-
-def stream_canonical(layout: Layout, params: dict[str, torch.Tensor], *, rank: int, dst: int = 0,
-                     names: Optional[list[str]] = None, group=None) -> Iterator[tuple[str, Optional[torch.Tensor]]]:
-    """Yield ``(name, full_tensor)`` per canonical tensor on ``dst`` (``(name, None)`` elsewhere).
-
-    Collective over the world: every rank must iterate it to the end, in the same order.
-    """
-    pieces = canonical_pieces(layout)
-    shapes = layout.canon_shapes
-    for name in names or list(shapes):
-        mine = [p for p in pieces[name] if p.rank == rank]
-        if rank != dst:
-            reqs = [coll.isend(params[p.local].detach().narrow(p.dim, p.block.local_start, p.block.length).contiguous(),
-                               dst=dst, group=group) for p in mine]
-            for r in reqs:
-                r.wait()
-            yield name, None
-            continue
-        dtype = next(iter(params.values())).dtype if params else torch.float32
-        device = coll.backend_device(group)  # NCCL: receive on the GPU like the senders
-        full = torch.empty(shapes[name], dtype=dtype, device=device)
-        reqs, bufs = [], []
-        for p in pieces[name]:
-            region = full.narrow(p.dim, p.block.canon_start, p.block.length)
-            if p.rank == rank:
-                region.copy_(params[p.local].detach().narrow(p.dim, p.block.local_start, p.block.length))
-            else:
-                buf = torch.empty(region.shape, dtype=dtype, device=device)
-                reqs.append(coll.irecv(buf, src=p.rank, group=group))
-                bufs.append((region, buf))
-        for r in reqs:
-            r.wait()
-        for region, buf in bufs:
-            region.copy_(buf)
-        yield name, full.cpu()  # the writer takes host tensors (a no-op on CPU)
+    if len(chunks) != 1:
+        raise NotImplementedError("load_hf_into supports one model chunk per rank (no virtual pipeline)")
+    model = chunks[0]
+    ckpt = open_hf(hf_path, tokenizer_check=False)
+    shape = ModelShape.from_hf_config(hf_config) if hf_config is not None else ckpt.shape
+    params = local_params(model)
+    c = topo.shard if topo is not None else model_shard(model)
+    local = megatron_rank_tensors(shape, tp=c.tp, pp=c.pp, tp_rank=c.tp_rank, pp_rank=c.pp_rank,
+                                  vocab_divisible_by=vocab_divisible_by, te_names=uses_te_names(params))
+    try:
+        check_names(local, params, rank=dist.get_rank())
+    except RuntimeError as e:
+        raise LayoutError(str(e)) from None
+    return fill_local(params, local, ckpt)

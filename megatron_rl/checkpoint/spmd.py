@@ -1,28 +1,39 @@
 """The per-rank part of conversion: collective functions, called on every rank under torchrun.
 
 :func:`hf_to_megatron` builds megatron-core's parallel state and this rank's model, fills each
-local tensor from HF slices through the layout algebra and saves a dist checkpoint;
-:func:`megatron_to_hf` loads a dist checkpoint at its saved layout and streams canonical tensors
-to rank 0, which writes safetensors. Both write into a directory the caller owns and leave the
-process group up (megatron's parallel state is torn down), so one process can run many
-conversions in turn; the world may hold DP replicas of the layout (world = k * TP * PP).
-:func:`convert` adds the atomic output: rank 0 creates the temporary sibling, every rank writes
-into it, and rank 0 renames it once all ranks are done.
+local tensor from HF slices through the layout algebra and saves a dist checkpoint.
+:func:`megatron_to_hf` loads a dist checkpoint at its saved layout and runs the plan from that
+layout to :func:`~megatron_rl.resharding.layout.hf_layout` (every tensor whole, on rank 0) with
+the same executor as live weight sync, into :class:`~.hf.SafetensorsStreamWriter` on rank 0:
+bounded buckets, and ``verify`` checks every slice's checksum. :func:`reshard` runs the plan
+from the saved layout to the new one through that executor and saves the new model.
+
+Reshard is a plan, not dist-checkpointing's reshard-on-load. Loading at another layout
+(:func:`load_checkpoint`, RL resume) still lets megatron-core reshard, but a reshard *command*
+is a move between two layouts, and the plan makes it the same move as export and live sync:
+one implementation of moving weight bytes between layouts, its bucket bound, its ``verify``
+checksums and its tests (bytes moved equal the planner's lower bound). It runs in one torchrun
+of lcm(a, b) ranks (whole replicas of both layouts), with no HF copy staged on disk.
+
+All write into a directory the caller owns and leave the process group up (megatron's parallel
+state is torn down), so one process can run many conversions in turn; the world may hold DP
+replicas of the layouts. :func:`convert` adds the atomic output: rank 0 creates the temporary
+sibling, every rank writes into it, and rank 0 renames it once all ranks are done.
 
 Training jobs use :func:`save_checkpoint` / :func:`load_checkpoint` on their own model chunk.
 
 Usage (every rank)::
 
     convert("hf-to-megatron", src="runs/tiny-llama", out="runs/llama-tp2pp2", tp=2, pp=2)
+    convert("reshard", src="runs/llama-tp2pp2", out="runs/llama-tp1pp1", tp=1, pp=1, verify=True)
     meta = load_checkpoint(chunk, "runs/llama-tp2pp2")      # any layout: dist-ckpt reshards on load
     save_checkpoint(chunk, "runs/llama-trained", hf_dir="runs/llama-tp2pp2/hf")
 """
 from __future__ import annotations
 
 import os
-import shutil
 from datetime import timedelta
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -31,20 +42,25 @@ from transformers import AutoConfig
 from megatron_rl.checkpoint import hf as hfio
 from megatron_rl.checkpoint import megatron as mio
 from megatron_rl.checkpoint import publish
-from megatron_rl.config import ParallelConfig
+from megatron_rl.config import ParallelConfig, SyncConfig
 from megatron_rl.models import build_gpt
 from megatron_rl.parallel import collectives as coll
 from megatron_rl.parallel import destroy_distributed, init_distributed
-from megatron_rl.resharding.layout import ModelShape, assemble, megatron_layout, padded_vocab, uses_te_names
+from megatron_rl.parallel.topology import model_shard
+from megatron_rl.resharding.executor import Stats, run_plan, verify_checksums
+from megatron_rl.resharding.layout import Layout, ModelShape, hf_layout, megatron_layout, padded_vocab, uses_te_names
+from megatron_rl.resharding.planner import make_plan
+from megatron_rl.resharding.transport import TorchP2P
 
 
-STAGE = ".canonical"  # reshard's staging HF directory, inside the temporary output
+TIMEOUT_S = 300.0  # the process group's and every transfer's bound (a rank may wait on rank 0's disk)
+BUCKET_BYTES = SyncConfig.bucket_bytes  # live sync's default bucket
 
 
-def _progress(it, *, show: bool, desc: str, total=None):
+def _progress(it=None, *, show: bool, desc: str, total=None, unit: str = "tensor"):
     from tqdm import tqdm
 
-    return tqdm(it, desc=desc, total=total, unit="tensor", disable=not show or dist.get_rank() != 0, leave=False)
+    return tqdm(it, desc=desc, total=total, unit=unit, disable=not show or dist.get_rank() != 0, leave=False)
 
 
 def _dtype_name(dtype) -> str:
@@ -60,23 +76,39 @@ def setup_model(hf_config, *, tp: int, pp: int, dtype: torch.dtype, vocab_divisi
     """Parallel state + this rank's model + the layout (checked against the model's parameters)."""
 
     parallel = ParallelConfig(tp=tp, pp=pp)
-    grid = init_distributed(parallel).grid  # the Topology's training grid
-    (model,) = build_gpt(hf_config, parallel=parallel, dtype=dtype, vocab_divisible_by=vocab_divisible_by)
+    topo = init_distributed(parallel)
+    (model,) = build_gpt(hf_config, parallel=parallel, topo=topo, dtype=dtype, vocab_divisible_by=vocab_divisible_by)
     params = mio.local_params(model)
     te_names = uses_te_names(params)
-    layout = megatron_layout(ModelShape.from_hf_config(hf_config), grid, vocab_divisible_by=vocab_divisible_by,
+    layout = megatron_layout(ModelShape.from_hf_config(hf_config), topo.grid, vocab_divisible_by=vocab_divisible_by,
                              te_names=te_names)
-    rank = dist.get_rank()
-    mio.check_names(layout.local(rank), params, rank=rank)
+    mio.check_names(layout.local(topo.rank), params, rank=topo.rank)
     return model, params, layout
 
 
-def fill_from_hf(params: dict, layout, ckpt: hfio.HFCheckpoint, *, progress: bool = False) -> None:
+def fill_from_hf(params: dict, layout: Layout, ckpt: hfio.HFCheckpoint, *, progress: bool = False) -> None:
     """Copy this rank's local tensors from HF slices (``assemble`` over ``ckpt.read``)."""
     local = layout.local(dist.get_rank())
-    with torch.no_grad():
-        for name, lt in _progress(local.items(), show=progress, desc="hf->megatron", total=len(local)):
-            params[name].copy_(assemble(lt, ckpt.read, dtype=params[name].dtype))
+    mio.fill_local(params, local, ckpt, wrap=lambda it: _progress(it, show=progress, desc="hf->megatron",
+                                                                   total=len(local)))
+
+
+def move(src: Layout, params: dict[str, torch.Tensor], *, dst: Layout, deliver: Callable[[str, torch.Tensor], None],
+         dtype: torch.dtype, bucket_bytes: int = BUCKET_BYTES, verify: bool = False, progress: bool = False,
+         desc: str = "move") -> Stats:
+    """Run the plan from ``src`` (this rank's tensors ``params``) to ``dst`` with the sync executor
+    (collective over the world); ``deliver(name, shard)`` takes each finished ``dst`` shard of
+    this rank. ``verify`` compares every slice's checksums afterwards and raises on a mismatch."""
+    rank = dist.get_rank()
+    plan = make_plan(src, dst=dst, bucket_bytes=bucket_bytes, elem_size=torch.empty((), dtype=dtype).element_size())
+    bar = _progress(show=progress, desc=desc, total=len(plan.buckets), unit="bucket")
+    stats = run_plan(plan, rank, get_src=params.__getitem__, deliver=deliver, transport=TorchP2P(timeout=TIMEOUT_S),
+                     dst_dtype=dtype, device=coll.backend_device(), checksums=verify,
+                     after_bucket=lambda k: bar.update())
+    bar.close()
+    if verify:
+        verify_checksums(plan, stats, rank=rank, what=desc)
+    return stats
 
 
 def save_checkpoint(model, out: str, *, hf_dir: str, vocab_divisible_by: int = 128, overwrite: bool = False,
@@ -87,7 +119,6 @@ def save_checkpoint(model, out: str, *, hf_dir: str, vocab_divisible_by: int = 1
     ``hf_dir``) into a temporary sibling of ``out`` and renames it when every rank is done;
     with ``tmp`` given, writes there and leaves publishing to the caller.
     """
-    from megatron.core import parallel_state as ps  # lazy: keeps vLLM/megatron out of CLI start-up
 
     def work(path):
         mio.save_model(model, path)
@@ -96,11 +127,11 @@ def save_checkpoint(model, out: str, *, hf_dir: str, vocab_divisible_by: int = 1
             hfio.copy_hf_extras(hf_dir, os.path.join(path, mio.HF_SUBDIR))
             cfg = AutoConfig.from_pretrained(hf_dir)
             shape = ModelShape.from_hf_config(cfg)
-            tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
+            shard = model_shard(model)  # the layout it is saved at: the model's own groups
             dtype = next(iter(mio.local_params(model).values())).dtype
             mio.write_meta(path, mio.MegatronMeta(
-                tp=tp, pp=pp, vocab_divisible_by=vocab_divisible_by,
-                padded_vocab=padded_vocab(shape.vocab, divisible_by=vocab_divisible_by, tp=tp),
+                tp=shard.tp, pp=shard.pp, vocab_divisible_by=vocab_divisible_by,
+                padded_vocab=padded_vocab(shape.vocab, divisible_by=vocab_divisible_by, tp=shard.tp),
                 param_dtype=_dtype_name(dtype), hf_dtype=_config_dtype(cfg, dtype),
                 shape=dict(shape.__dict__), versions=mio.versions()))
         coll.barrier()
@@ -154,60 +185,81 @@ def load_megatron(src: str, *, tp: Optional[int] = None, pp: Optional[int] = Non
     return meta, model, params, layout
 
 
-def write_hf(params: dict, layout, tmp: str, *, hf_dir: str, dtype: torch.dtype, max_shard_bytes: int = 5 * 2**30,
+def write_hf(params: dict, layout: Layout, tmp: str, *, shape: ModelShape, hf_dir: str, dtype: torch.dtype,
+             max_shard_bytes: int = 5 * 2**30, bucket_bytes: int = BUCKET_BYTES, verify: bool = False,
              progress: bool = False) -> None:
-    """Stream canonical tensors to rank 0 and write HF safetensors + config/tokenizer into ``tmp`` (collective)."""
-    rank = dist.get_rank()
+    """Move every canonical tensor to rank 0 (the plan ``layout`` -> ``hf_layout``) and write HF
+    safetensors + config/tokenizer into ``tmp`` (collective)."""
     writer = None
-    if rank == 0:
+    if dist.get_rank() == 0:
         writer = hfio.SafetensorsStreamWriter(tmp, shapes=layout.canon_shapes, max_shard_bytes=max_shard_bytes,
                                               dtype=dtype)
-    stream = mio.stream_canonical(layout, params, rank=rank, dst=0)
-    for name, full in _progress(stream, show=progress, desc="megatron->hf", total=len(layout.canon_shapes)):
-        if writer is not None:
-            writer.write(name, full)
+    move(layout, params, dst=hf_layout(shape, rank=0), deliver=writer.write if writer else _nothing_delivered,
+         dtype=dtype, bucket_bytes=bucket_bytes, verify=verify, progress=progress, desc="megatron->hf")
     if writer is not None:
         writer.close()
         hfio.copy_hf_extras(hf_dir, tmp)
     coll.barrier()
 
 
+def _nothing_delivered(name: str, shard: torch.Tensor) -> None:
+    raise AssertionError(f"HF export: rank {dist.get_rank()} was handed {name!r}; only rank 0 holds HF tensors")
+
+
 def megatron_to_hf(src: str, tmp: str, *, dtype: Optional[str] = None, max_shard_bytes: int = 5 * 2**30,
                    hf_dir: Optional[str] = None, tp: Optional[int] = None, pp: Optional[int] = None,
-                   vocab_divisible_by: int = 128, progress: bool = False) -> None:
+                   vocab_divisible_by: int = 128, bucket_bytes: int = BUCKET_BYTES, verify: bool = False,
+                   progress: bool = False) -> None:
     """Dist checkpoint ``src`` -> HF safetensors + config + tokenizer in ``tmp`` (collective).
 
     ``hf_dir``/``tp``/``pp``/``vocab_divisible_by``: for a plain dist checkpoint, see :func:`load_megatron`.
     """
 
     meta, model, params, layout = load_megatron(src, hf_dir=hf_dir, tp=tp, pp=pp, vocab_divisible_by=vocab_divisible_by)
-    write_hf(params, layout, tmp, hf_dir=hf_dir or os.path.join(os.path.abspath(src), mio.HF_SUBDIR),
-             dtype=hfio.torch_dtype(dtype or meta.hf_dtype), max_shard_bytes=max_shard_bytes, progress=progress)
+    write_hf(params, layout, tmp, shape=meta.model_shape,
+             hf_dir=hf_dir or os.path.join(os.path.abspath(src), mio.HF_SUBDIR),
+             dtype=hfio.torch_dtype(dtype or meta.hf_dtype), max_shard_bytes=max_shard_bytes,
+             bucket_bytes=bucket_bytes, verify=verify, progress=progress)
     destroy_distributed(keep_process_group=True)
 
 
-def reshard(src: str, tmp: str, *, tp: int, pp: int, progress: bool = False) -> None:
-    """Megatron ``src`` -> canonical safetensors (staged in ``tmp``) -> Megatron(tp, pp) in ``tmp``.
+def reshard(src: str, tmp: str, *, tp: int, pp: int, bucket_bytes: int = BUCKET_BYTES, verify: bool = False,
+            progress: bool = False) -> None:
+    """Megatron ``src`` (at its saved layout) -> Megatron(tp, pp) in ``tmp``, by one plan (collective).
 
-    The world must hold whole replicas of both layouts. The CLI instead runs the two halves
-    as two torchrun launches sized to each layout.
+    The world must hold whole replicas of both layouts (a multiple of lcm(a, b)). Each rank
+    loads its source shard, the source layout's parallel state is torn down, the new layout's
+    is built, and the plan moves every shard into the new model, which is then saved.
     """
-    meta = mio.read_meta(src)
-    stage = os.path.join(tmp, STAGE)
-    if dist.get_rank() == 0:
-        os.makedirs(stage)
-    coll.barrier()
-    megatron_to_hf(src, stage, dtype=meta.param_dtype, progress=progress)
-    hf_to_megatron(stage, tmp, tp=tp, pp=pp, vocab_divisible_by=meta.vocab_divisible_by, progress=progress)
-    if dist.get_rank() == 0:
-        shutil.rmtree(stage)
-    coll.barrier()
+    meta, _, old, src_layout = load_megatron(src)
+    old = {n: p.detach() for n, p in old.items()}  # the tensors outlive the source layout's groups
+    destroy_distributed(keep_process_group=True)
+    hf_dir = os.path.join(os.path.abspath(src), mio.HF_SUBDIR)
+    model, params, layout = setup_model(AutoConfig.from_pretrained(hf_dir), tp=tp, pp=pp,
+                                        dtype=hfio.torch_dtype(meta.param_dtype),
+                                        vocab_divisible_by=meta.vocab_divisible_by)
+
+    def deliver(name: str, shard: torch.Tensor) -> None:
+        with torch.no_grad():
+            params[name].copy_(shard)
+
+    move(src_layout, old, dst=layout, deliver=deliver, dtype=hfio.torch_dtype(meta.param_dtype),
+         bucket_bytes=bucket_bytes, verify=verify, progress=progress, desc="reshard")
+    del old
+    save_checkpoint(model, tmp, hf_dir=hf_dir, vocab_divisible_by=meta.vocab_divisible_by, tmp=tmp)
+    destroy_distributed(keep_process_group=True)
 
 
-def ensure_process_group(timeout_s: float = 300.0) -> None:
+def ensure_process_group(timeout_s: float = TIMEOUT_S) -> None:
+    """The world's process group (gloo on CPU; NCCL bound to this rank's GPU, connected eagerly
+    like :func:`~megatron_rl.parallel.init_distributed`'s, so a plan's first bucket may skip ranks)."""
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+        kw = {}
+        if torch.cuda.is_available():
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+            kw["device_id"] = device
+        dist.init_process_group(backend="nccl" if kw else "gloo", timeout=timedelta(seconds=timeout_s), **kw)
 
 
 def convert(mode: str, *, src: str, out: str, overwrite: bool = False, tmp: Optional[str] = None, **kw) -> None:

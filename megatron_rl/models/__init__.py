@@ -9,7 +9,7 @@ Usage (after :func:`megatron_rl.parallel.init_distributed`)::
 
     hf_config = transformers.AutoConfig.from_pretrained(path)
     chunks = build_gpt(hf_config, parallel=cfg.parallel, dtype=torch.float32)
-    load_hf_into(chunks, path)            # megatron_rl.models.hf_weights
+    load_hf_into(chunks, path, topo=topo)  # megatron_rl.checkpoint.megatron
     logits = chunks[0](tokens, position_ids, attention_mask=None)   # (B, S, V_pad / TP)
 """
 from __future__ import annotations

@@ -15,6 +15,8 @@ package asks megatron's ``parallel_state`` where a rank is.
 
 Inside megatron-core callbacks (a schedule's ``forward_fn``, ``core_attention``) the groups
 come from the model's own ``pg_collection`` (:func:`model_groups`), which is this topology's.
+A model's weight shard (:class:`ShardCoord`: tp and pp, degree and rank) comes from
+:attr:`Topology.shard`, or from the model's own groups (:func:`model_shard`).
 
 Usage::
 
@@ -56,6 +58,16 @@ class RolloutGrid:
 
 
 @dataclass(frozen=True)
+class ShardCoord:
+    """Which weight shard a rank holds: its tp and pp ranks and the two degrees."""
+
+    tp: int
+    tp_rank: int
+    pp: int
+    pp_rank: int
+
+
+@dataclass(frozen=True)
 class Topology:
     """This rank's place in both grids and its process groups (None in :meth:`pure` topologies)."""
 
@@ -91,6 +103,11 @@ class Topology:
         return self.grid.coords(self.rank)
 
     @property
+    def shard(self) -> ShardCoord:
+        c = self.coord
+        return ShardCoord(tp=self.grid.tp, tp_rank=c.tp, pp=self.grid.pp, pp_rank=c.pp)
+
+    @property
     def world_size(self) -> int:
         return self.grid.world_size
 
@@ -122,6 +139,12 @@ def model_groups(model):
     return model.pg_collection
 
 
+def model_shard(model) -> ShardCoord:
+    """The weight shard of a megatron model, from the tp and pp groups it was built with."""
+    pg = model_groups(model)
+    return ShardCoord(tp=group_size(pg.tp), tp_rank=group_rank(pg.tp), pp=group_size(pg.pp), pp_rank=group_rank(pg.pp))
+
+
 def group_rank(group: Optional[Any]) -> int:
     """This rank's rank in ``group`` (0 for no group or a group of one)."""
     return group.rank() if group is not None and group.size() > 1 else 0
@@ -131,4 +154,4 @@ def group_size(group: Optional[Any]) -> int:
     return group.size() if group is not None else 1
 
 
-__all__ = ["RolloutGrid", "Topology", "model_groups", "group_rank", "group_size"]
+__all__ = ["RolloutGrid", "ShardCoord", "Topology", "model_groups", "model_shard", "group_rank", "group_size"]

@@ -12,6 +12,9 @@ flight. Slices that are contiguous (splits along dim 0) are sent straight from t
 parameter and received straight into the staged shard; only column splits (dim 1) and
 dtype conversions go through a packed buffer. ``Stats.peak_extra_bytes`` measures the most
 bytes held at once in staging and buffers.
+
+:func:`verify_checksums` compares, after a checksummed run, what every source sent with what
+every destination staged (one all-reduce); live sync and checkpoint conversion both call it.
 """
 from __future__ import annotations
 
@@ -19,7 +22,9 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
+import torch.distributed as dist
 
+from megatron_rl.parallel import collectives as coll
 from megatron_rl.resharding.planner import Op, Plan
 from megatron_rl.resharding.transport import Transfer, WeightSyncError
 
@@ -170,3 +175,30 @@ def run_plan(plan: Plan, rank: int, *, get_src: Callable[[str], torch.Tensor],
     if run.staged:
         raise WeightSyncError(f"weight sync: shards {sorted(run.staged)} on rank {rank} were never completed")
     return run.stats
+
+
+def verify_checksums(plan: Plan, stats: Stats, *, rank: int, group=None, what: str = "weight sync") -> int:
+    """Compare every op's source and destination checksums of a checksummed :func:`run_plan`.
+
+    Returns the number of slices checked on ``rank``; raises :class:`WeightSyncError` naming the
+    first mismatching destination tensor. All ranks of the plan call together (one all-reduce).
+    """
+    n = plan.num_ops
+    sums = torch.zeros(2, n, dtype=torch.int64)  # (src, dst) x op; filled on the host
+    for i, v in stats.src_sums.items():
+        sums[0, i] = v
+    for i, v in stats.dst_sums.items():
+        sums[1, i] = v
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        sums = coll.all_reduce(sums.to(coll.backend_device(group)), group=group).cpu()
+    flat = [op for b in plan.buckets for op in b]
+    checked = 0
+    for i, op in enumerate(flat):
+        if op.dst_rank != rank:
+            continue
+        checked += 1
+        if int(sums[0, i]) != int(sums[1, i]):
+            raise WeightSyncError(f"{what} verify: rank {rank} parameter {op.dst_name!r} slice "
+                                  f"[{op.dst_offset}:{op.dst_offset + op.length}] along dim {op.dim} (from "
+                                  f"{op.canon} on rank {op.src_rank}) differs from its source")
+    return checked

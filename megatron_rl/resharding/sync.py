@@ -31,9 +31,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_rl.parallel import collectives as coll
 from megatron_rl.errors import LayoutError
-from megatron_rl.resharding.executor import Stats, run_plan
+from megatron_rl.resharding.executor import Stats, run_plan, verify_checksums
 from megatron_rl.resharding.layout import Layout
 from megatron_rl.resharding.planner import Plan, make_plan
 from megatron_rl.resharding.transport import TorchP2P, WeightSyncError
@@ -160,22 +159,4 @@ class WeightSync:
         st = self.last_stats
         if st is None or (not st.src_sums and not st.dst_sums and self.plan.num_ops):
             raise WeightSyncError("weight sync: verify() needs a checksummed sync; fix: call sync(verify=True) first")
-        n = self.plan.num_ops
-        sums = torch.zeros(2, n, dtype=torch.int64)  # (src, dst) x op; filled on the host
-        for i, v in st.src_sums.items():
-            sums[0, i] = v
-        for i, v in st.dst_sums.items():
-            sums[1, i] = v
-        if dist.is_initialized() and dist.get_world_size(self.group) > 1:
-            sums = coll.all_reduce(sums.to(coll.backend_device(self.group)), group=self.group).cpu()
-        flat = [op for b in self.plan.buckets for op in b]
-        checked = 0
-        for i, op in enumerate(flat):
-            if op.dst_rank != self.rank:
-                continue
-            checked += 1
-            if int(sums[0, i]) != int(sums[1, i]):
-                raise WeightSyncError(f"weight sync verify: rank {self.rank} parameter {op.dst_name!r} slice "
-                                      f"[{op.dst_offset}:{op.dst_offset + op.length}] along dim {op.dim} (from "
-                                      f"{op.canon} on rank {op.src_rank}) differs from its source")
-        return checked
+        return verify_checksums(self.plan, st, rank=self.rank, group=self.group)

@@ -43,14 +43,14 @@ from typing import Callable, Optional
 
 import torch.distributed as dist
 
+from megatron_rl.runtime import faults
 from megatron_rl.runtime.records import archive_attempt, classify, failure_path, status_path, write_json
 
 
 EXIT_FAILED = 1
 EXIT_HANG = 3
-# Test hook: "<step>:<phase>:<rank>" makes that rank SIGKILL itself on entering that phase of
-# that step (the step the job set in ``rt.step``), in the first attempt only (torchrun restarts).
-FAULT_ENV = "MEGATRON_RL_RANK_FAULT"
+# The test setting of the fault seam's "rank:phase" point (see megatron_rl.runtime.faults).
+FAULT_ENV = faults.RANK_FAULT_ENV
 
 
 def restart_count() -> int:
@@ -179,21 +179,13 @@ class RankRuntime:
         self._phase, self._phase_start = name, time.time()
         self._deadline = time.monotonic() + self._phase_timeout
         self._status("running")
-        self._maybe_fault(name)
+        faults.fire("rank:phase", step=self.step, phase=name, rank=self.rank, attempt=self.attempt)
         try:
             yield self
         except BaseException as exc:
             self.record_failure(exc)
             raise
         self._phase, self._phase_start, self._deadline, self._phase_timeout = outer
-
-    def _maybe_fault(self, name: str) -> None:
-        want = os.environ.get(FAULT_ENV)
-        if not want or self.attempt > 0:
-            return
-        step, phase, rank = want.split(":")
-        if (int(step), phase, int(rank)) == (self.step, name, self.rank):
-            os.kill(os.getpid(), signal.SIGKILL)  # its status stays "running" in this phase and step
 
     @property
     def current_phase(self) -> str:

@@ -20,7 +20,7 @@ from typing import Callable, Optional
 import torch
 
 from megatron_rl.models import build_gpt
-from megatron_rl.models.hf_weights import load_hf_into
+from megatron_rl.checkpoint.megatron import load_hf_into
 from megatron_rl.parallel import collectives as coll
 from megatron_rl.train.lm import lm_forward
 
@@ -43,7 +43,7 @@ class TrainEngine:
         chunks = build_gpt(hf_config, parallel=parallel, topo=topo, dtype=dtype, vocab_divisible_by=vocab_divisible_by,
                            core_attention=core_attention, recompute=train.recompute)
         if hf_path is not None:
-            load_hf_into(chunks, hf_path, hf_config=hf_config, vocab_divisible_by=vocab_divisible_by)
+            load_hf_into(chunks, hf_path, topo=topo, hf_config=hf_config, vocab_divisible_by=vocab_divisible_by)
         self.tf_config = tf = chunks[0].config
         tf.calculate_per_token_loss = True  # loss_fn returns sums; finalize_model_grads divides
         ddp_config = DistributedDataParallelConfig(

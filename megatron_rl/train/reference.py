@@ -43,7 +43,7 @@ from typing import Callable
 import torch
 
 from megatron_rl.models import build_gpt
-from megatron_rl.models.hf_weights import load_hf_into
+from megatron_rl.checkpoint.megatron import load_hf_into
 from megatron_rl.rollout.cpu_memory import return_memory_to_os
 from megatron_rl.train.engine import run_schedule
 
@@ -173,7 +173,7 @@ class ReferenceModel:
         with _rng_untouched():
             chunks = build_gpt(hf_config, parallel=parallel, topo=topo, dtype=dtype,
                                vocab_divisible_by=vocab_divisible_by, core_attention=SharedPrefixCoreAttention)
-        load_hf_into(chunks, hf_path, hf_config=hf_config, vocab_divisible_by=vocab_divisible_by)
+        load_hf_into(chunks, hf_path, topo=topo, hf_config=hf_config, vocab_divisible_by=vocab_divisible_by)
         enable_shared_prefix(chunks)
         for chunk in chunks:
             # Frozen = never in an optimizer, and every forward runs under no_grad (no graph, no

@@ -22,7 +22,8 @@ def main():
             for i, name in enumerate(w.names):
                 w.write(name, tensors[name])
                 if i == 5:
-                    w._fh.flush()
+                    for fh in w._fh.values():  # the open shard files
+                        fh.flush()
                     print("WRITING", flush=True)
                 if i >= 5:
                     time.sleep(1.0)

@@ -2,7 +2,8 @@
 
 For each family, HF -> Megatron at every (TP, PP) (DP fills the rest of the world), then a
 fresh model loads the converted checkpoint and its logits are compared with HF transformers'
-on the same tokens. Then HF -> M(2,2) -> HF and M(2,2) -> M(1,1) -> HF, compared bitwise,
+on the same tokens. Then HF -> M(2,2) -> HF and M(2,2) -> M(1,1) -> HF (the export and the
+reshard are plans run by the sync executor, with ``verify``), compared bitwise,
 and a load of the (2,2) checkpoint at another layout (megatron-core reshards on load).
 Last, the RL-checkpoint round trip of the distributed optimizer on llama
 (tests/workers/rlckpt_distopt.py), which needs the same world of 4 and no vLLM.
@@ -115,8 +116,8 @@ def main():
         destroy_distributed(keep_process_group=True)
         # HF -> M(2,2) -> HF, and M(2,2) -> M(1,1) -> HF: bitwise.
         m22 = os.path.join(work, f"{fam}-tp2pp2")
-        spmd.convert("megatron-to-hf", src=m22, out=os.path.join(work, f"{fam}-hf-from22"))
-        spmd.convert("reshard", src=m22, out=os.path.join(work, f"{fam}-tp1pp1-from22"), tp=1, pp=1)
+        spmd.convert("megatron-to-hf", src=m22, out=os.path.join(work, f"{fam}-hf-from22"), verify=True)
+        spmd.convert("reshard", src=m22, out=os.path.join(work, f"{fam}-tp1pp1-from22"), tp=1, pp=1, verify=True)
         spmd.convert("megatron-to-hf", src=os.path.join(work, f"{fam}-tp1pp1-from22"),
                      out=os.path.join(work, f"{fam}-hf-from11"))
         if rank == 0:

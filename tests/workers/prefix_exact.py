@@ -27,7 +27,7 @@ from megatron_rl.attention import SharedPrefixCoreAttention, enable_shared_prefi
 from megatron_rl.attention.step import collect_logprobs, make_forward_fn, pg_loss  # noqa: E402
 from megatron_rl.config import ParallelConfig  # noqa: E402
 from megatron_rl.models import build_gpt  # noqa: E402
-from megatron_rl.models.hf_weights import load_hf_into  # noqa: E402
+from megatron_rl.checkpoint.megatron import load_hf_into  # noqa: E402
 from megatron_rl.parallel import destroy_distributed, init_distributed  # noqa: E402
 
 LAYOUTS = {"tp1": dict(), "tp2": dict(tp=2), "pp2": dict(pp=2), "cp2": dict(cp=2), "tp2cp2": dict(tp=2, cp=2),

@@ -137,14 +137,14 @@ def build_megatron(path: str, *, tp: int, pp: int, hf_config):
     """Megatron parallel state + GPTModel for (tp, pp) on the existing world, loaded from HF."""
     from megatron_rl.config import ParallelConfig
     from megatron_rl.models import build_gpt
-    from megatron_rl.models.hf_weights import load_hf_into
+    from megatron_rl.checkpoint.megatron import load_hf_into
     from megatron_rl.parallel import destroy_distributed, init_distributed
 
     destroy_distributed(keep_process_group=True)
     parallel = ParallelConfig(tp=tp, pp=pp, timeout_s=120)
     topo = init_distributed(parallel)
     chunks = build_gpt(hf_config, parallel=parallel, topo=topo)
-    load_hf_into(chunks, path, hf_config=hf_config)
+    load_hf_into(chunks, path, topo=topo, hf_config=hf_config)
     return chunks, topo.grid
 
 
