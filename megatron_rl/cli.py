@@ -3,6 +3,7 @@ only dispatches, importing the module lazily so that ``--help`` is instant.
 
     megatron-rl train --config configs/tiny_cpu.yaml train.steps=20     # under torchrun
     megatron-rl convert --help
+    megatron-rl plot runs/demo                                          # -> runs/demo/metrics.png
 """
 import importlib
 import sys
@@ -13,6 +14,7 @@ COMMANDS = {
     "convert": ("megatron_rl.checkpoint.convert", "HF <-> Megatron checkpoint conversion and offline reshard"),
     "make-tiny-model": ("megatron_rl.models.tiny", "build a tiny random HF model and tokenizer, offline"),
     "preflight": ("megatron_rl.runtime.preflight", "check ranks, devices, versions and config before a job"),
+    "plot": ("megatron_rl.plot", "PNG of a run's reward, loss, mismatch and phase times (needs matplotlib)"),
 }
 
 

@@ -42,6 +42,7 @@ from megatron_rl.metrics import (MetricsLogger, PhaseTimer, ascii_curve, length_
                                  reward_gain, reward_stats)
 from megatron_rl.parallel import collectives as coll
 from megatron_rl.parallel import destroy_distributed, init_distributed
+from megatron_rl.plot import end_of_run as end_of_run_plot
 from megatron_rl.resharding.layout import ModelShape, megatron_layout, uses_te_names
 from megatron_rl.resharding.planner import UNBOUNDED
 from megatron_rl.resharding.sync import WeightSync, model_tensors
@@ -361,6 +362,8 @@ def train(cfg: Config, *, hf_config, rt=None) -> dict:
     log.print(f"mean reward per step:\n{ascii_curve(history)}\n"
               f"reward first 20%: {first:.4f}  last 20%: {last:.4f}  gain: {gain:+.4f}")
     log.close()
+    if job.rank == 0 and L.jsonl:  # the PNG next to metrics.jsonl (one line instead without matplotlib)
+        log.print(end_of_run_plot(L.run_dir))
     # Megatron's state only: vLLM's shutdown at exit destroys its groups and the default one.
     destroy_distributed(keep_process_group=True)
     return {"reward_first": first, "reward_last": last, "reward_gain": gain, "rewards": history}
