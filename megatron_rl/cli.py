@@ -8,6 +8,8 @@ only dispatches, importing the module lazily so that ``--help`` is instant.
 import importlib
 import sys
 
+from megatron_rl import console
+
 COMMANDS = {
     "train": ("megatron_rl.trainer", "GRPO/PPO training job (run under torchrun)"),
     "lm-train": ("megatron_rl.train.lm_job", "language-model training job on megatron-core (run under torchrun)"),
@@ -20,6 +22,7 @@ COMMANDS = {
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
+    console.capture()  # a quiet launch: this rank's output to its log, before any library loads
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print("usage: megatron-rl COMMAND [args]\n\ncommands:")
         for name, (_, doc) in COMMANDS.items():

@@ -34,6 +34,7 @@ from typing import Optional
 import torch
 from transformers import AutoConfig, AutoTokenizer
 
+from megatron_rl import console
 from megatron_rl.algorithms import group_advantages, lr_at
 from megatron_rl.algorithms.grpo import GRPOLoss, RolloutBatch, dp_shards, make_groups, stats_from_sums
 from megatron_rl.config import Config, ConfigError, load_config, validate
@@ -224,7 +225,7 @@ def log_restart(cfg: Config, *, rank: int, start: int) -> None:
     attempt = restart_count()
     if attempt > 0 and rank == 0:
         print(restart_line(cfg.logging.run_dir, attempt=attempt, resumed=start,
-                           max_restarts=os.environ.get("TORCHELASTIC_MAX_RESTARTS", "?")), file=sys.stderr, flush=True)
+                           max_restarts=os.environ.get("TORCHELASTIC_MAX_RESTARTS", "?")), file=console.stderr(), flush=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -427,7 +428,7 @@ def main(argv: Optional[list] = None) -> int:
         check_supported(cfg)
     except ConfigError as e:
         if rank == 0:
-            print(e, file=sys.stderr)
+            print(e, file=console.stderr())
         return 2
 
     def job(rt) -> int:
