@@ -38,7 +38,7 @@ from megatron_rl import console
 from megatron_rl.algorithms import group_advantages, lr_at
 from megatron_rl.algorithms.grpo import GRPOLoss, RolloutBatch, dp_shards, make_groups, stats_from_sums
 from megatron_rl.config import Config, ConfigError, load_config, validate
-from megatron_rl.data import PromptDataset
+from megatron_rl.data import PromptDataset, encode_prompt
 from megatron_rl.metrics import (MetricsLogger, PhaseTimer, ascii_curve, length_stats, phase_table, quiet_other_ranks,
                                  reward_gain, reward_stats)
 from megatron_rl.parallel import collectives as coll
@@ -265,7 +265,8 @@ def setup(cfg: Config, *, hf_config) -> Job:
     topo = init_distributed(cfg.parallel, seed=cfg.train.seed, rollout_tp=cfg.rollout.tp)
     rank, world = topo.rank, topo.world_size
     tok = AutoTokenizer.from_pretrained(cfg.model.hf_path)
-    data = PromptDataset.from_config(cfg.data, prompt_len=lambda p: len(tok(p).input_ids))
+    data = PromptDataset.from_config(cfg.data, prompt_len=lambda p: len(encode_prompt(
+        tok, p, chat_template=cfg.data.chat_template)))
     divisible = cfg.model.make_vocab_size_divisible_by
     eng = TrainEngine(hf_config, parallel=cfg.parallel, train=cfg.train, topo=topo,
                       dtype=DTYPES[cfg.model.dtype], hf_path=cfg.model.hf_path,
@@ -337,7 +338,8 @@ def train(cfg: Config, *, hf_config, rt=None) -> dict:
         rt.step = step  # kept in this rank's records: a restart names the step a rank died in
         rows = job.data.next_batch(cfg.data.prompts_per_step)
         with timer.phase("rollout"):
-            batch = generate(rollout, cfg, prompt_ids=[job.tokenizer(r["prompt"]).input_ids for r in rows], step=step)
+            ids = [encode_prompt(job.tokenizer, r["prompt"], chat_template=cfg.data.chat_template) for r in rows]
+            batch = generate(rollout, cfg, prompt_ids=ids, step=step)
             rewards = score(job, rows, batch)
         adv = group_advantages(torch.tensor(rewards), group_size=a.group_size, estimator=a.name,
                                normalize_std=a.normalize_adv_std, eps=a.adv_eps)

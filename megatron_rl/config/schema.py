@@ -160,6 +160,7 @@ class DataConfig:
     shuffle: bool = True  # a seeded permutation per epoch (deterministic, resumable)
     synthetic_size: int = 1024  # rows of a synthetic dataset
     seed: int = 1234
+    chat_template: bool = False  # prompts as one user turn of the tokenizer's chat template (instruct models)
 
     def __post_init__(self):
         _positive("data", prompts_per_step=self.prompts_per_step, max_prompt_len=self.max_prompt_len,
