@@ -54,7 +54,7 @@ def test_train_three_steps(tiny_models, tmp_path):
 def _check_console(out: str, *, run: str) -> None:
     lines = out.split("\n")  # not splitlines(): the progress bar's carriage returns are not lines
     first = next(i for i, ln in enumerate(lines) if "step 0: reward" in ln)
-    print(f"console: {first} lines before the first step, {len(lines)} in all")
+    print(f"console: {first} lines before the first step, {len(lines)} in all; they are:\n" + "\n".join(lines[:first]))
     assert first <= 40, "\n".join(lines[:first])
     assert "[default" not in out and "WARNING" not in out and "Warning" not in out, out[:4000]
     # Negative control: the warnings exist; they are in rank 0's own log, not on the console.
