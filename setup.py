@@ -21,7 +21,7 @@ EXTRAS = {
     # GPU clusters (Python 3.12): the official vLLM wheel, its torch, and Transformer Engine.
     "gpu": ["vllm==0.33.0", "torch==2.14.1", "transformer-engine[pytorch]==2.20.2"],
     "test": ["pytest==9.2.0", "pytest-timeout==2.4.0"],
-    "metrics": ["tensorboard==2.20.0"],
+    "metrics": ["tensorboard==2.20.0", "matplotlib==3.11.2"],  # TensorBoard; megatron-rl plot
     "data": ["pyarrow==26.0.1"],  # parquet prompt datasets
 }
 

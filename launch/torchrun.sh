@@ -10,7 +10,9 @@
 # Before torchrun starts, one line explains a bad launch: ranks != config world size, a missing
 # CONFIG, an unreachable MASTER_ADDR (after RDZV_TIMEOUT s). After a failure the first failing
 # rank, its host, phase and error are printed once, in a block headed FIRST FAILURE.
-# Every rank's stdout/stderr is kept under $RUN_DIR/logs (RUN_DIR: logging.run_dir of the config).
+# Every rank's stdout/stderr is kept under $RUN_DIR/logs (RUN_DIR: logging.run_dir of the config);
+# the console shows rank 0's progress bar, tables and messages, and any rank's error at once
+# (megatron_rl/console.py). logging.verbose=true: rank 0's whole output too (torchrun's --tee).
 # MAX_RESTARTS=N: when a rank dies, torchrun restarts all ranks up to N times; the trainer resumes
 # from the newest complete checkpoint and rank 0 logs one "[restart]" line (default 0: fail at once).
 set -euo pipefail
@@ -41,13 +43,18 @@ esac
 if [ "$MAX_RESTARTS" -gt 0 ]; then export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}; fi
 overrides=("$@")
 if [ -n "${RUN_DIR:-}" ]; then overrides+=("logging.run_dir=$RUN_DIR"); fi
-case "$JOB" in *.py) entry=("$JOB") ;; *) entry=(-m megatron_rl.cli "$JOB") ;; esac
+case "$JOB" in *.py) entry=(-m megatron_rl.console "$JOB") ;; *) entry=(-m megatron_rl.cli "$JOB") ;; esac
 
 checked=$(python -m megatron_rl.runtime.launch_check --config "$CONFIG" --nnodes "$NNODES" \
   --nproc-per-node "$NPROC_PER_NODE" --node-rank "$NODE_RANK" --master-addr "$MASTER_ADDR" \
   --master-port "$MASTER_PORT" --wait "$RDZV_TIMEOUT" -- "${overrides[@]}") || exit $?
 RUN_DIR=$(sed -n 1p <<<"$checked")
 IS_HOST=$(sed -n 2p <<<"$checked")
+if [ "$(sed -n 3p <<<"$checked")" = 1 ]; then   # logging.verbose=true
+  console=(--tee 3 --local-ranks-filter 0); unset MEGATRON_RL_CONSOLE
+else   # each rank sends its own output to its files under --log-dir and keeps the console for ours
+  console=(); export MEGATRON_RL_CONSOLE=quiet
+fi
 if [ "$IS_HOST" = 1 ]; then rm -rf "$RUN_DIR/runtime"; fi   # records of the previous launch
 mkdir -p "$RUN_DIR/logs"
 echo "[torchrun.sh] $JOB: $NNODES node(s) x $NPROC_PER_NODE, rendezvous $MASTER_ADDR:$MASTER_PORT, run dir $RUN_DIR" >&2
@@ -57,7 +64,7 @@ torchrun --nnodes "$NNODES" --nproc-per-node "$NPROC_PER_NODE" --rdzv-backend c1
   --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-id "$RDZV_ID" \
   --rdzv-conf "join_timeout=$RDZV_TIMEOUT,read_timeout=$RDZV_TIMEOUT,is_host=$IS_HOST" \
   --max-restarts "$MAX_RESTARTS" --monitor-interval "$MONITOR_INTERVAL" --shutdown-timeout "$SHUTDOWN_TIMEOUT" \
-  --log-dir "$RUN_DIR/logs/node${NODE_RANK:-$(hostname)}" --tee 3 --local-ranks-filter 0 \
+  --log-dir "$RUN_DIR/logs/node${NODE_RANK:-$(hostname)}" ${console[@]+"${console[@]}"} \
   ${LOCAL_ADDR:+--local-addr "$LOCAL_ADDR"} "${entry[@]}" --config "$CONFIG" "${overrides[@]}" || rc=$?
 if [ "$rc" -ne 0 ]; then
   python -m megatron_rl.runtime.report --run-dir "$RUN_DIR" --exit-code "$rc" \

@@ -29,6 +29,8 @@ from typing import Iterable, Optional, Sequence
 
 import torch
 
+from megatron_rl import console
+
 PHASES = ("rollout", "release", "train", "sync", "resume")  # every step has these
 OPTIONAL_PHASES = ("ref",)  # the KL reference's forward (algorithm.kl_coef > 0)
 TABLE_ORDER = ("rollout", "release", "ref", "train", "sync", "resume")  # phase_table rows, in step order
@@ -252,7 +254,7 @@ class MetricsLogger:
         self.enabled = rank == 0
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self._file = self._tb = self._bar = None
-        self.stream = stream or sys.stderr
+        self.stream = stream or console.stderr()  # the console, also when this rank's output goes to its log
         if not self.enabled:
             return
         os.makedirs(run_dir, exist_ok=True)

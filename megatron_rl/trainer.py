@@ -34,14 +34,16 @@ from typing import Optional
 import torch
 from transformers import AutoConfig, AutoTokenizer
 
+from megatron_rl import console
 from megatron_rl.algorithms import group_advantages, lr_at
 from megatron_rl.algorithms.grpo import GRPOLoss, RolloutBatch, dp_shards, make_groups, stats_from_sums
 from megatron_rl.config import Config, ConfigError, load_config, validate
-from megatron_rl.data import PromptDataset
+from megatron_rl.data import PromptDataset, encode_prompt
 from megatron_rl.metrics import (MetricsLogger, PhaseTimer, ascii_curve, length_stats, phase_table, quiet_other_ranks,
                                  reward_gain, reward_stats)
 from megatron_rl.parallel import collectives as coll
 from megatron_rl.parallel import destroy_distributed, init_distributed
+from megatron_rl.plot import end_of_run as end_of_run_plot
 from megatron_rl.resharding.layout import ModelShape, megatron_layout, uses_te_names
 from megatron_rl.resharding.planner import UNBOUNDED
 from megatron_rl.resharding.sync import WeightSync, model_tensors
@@ -223,7 +225,7 @@ def log_restart(cfg: Config, *, rank: int, start: int) -> None:
     attempt = restart_count()
     if attempt > 0 and rank == 0:
         print(restart_line(cfg.logging.run_dir, attempt=attempt, resumed=start,
-                           max_restarts=os.environ.get("TORCHELASTIC_MAX_RESTARTS", "?")), file=sys.stderr, flush=True)
+                           max_restarts=os.environ.get("TORCHELASTIC_MAX_RESTARTS", "?")), file=console.stderr(), flush=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,7 +265,8 @@ def setup(cfg: Config, *, hf_config) -> Job:
     topo = init_distributed(cfg.parallel, seed=cfg.train.seed, rollout_tp=cfg.rollout.tp)
     rank, world = topo.rank, topo.world_size
     tok = AutoTokenizer.from_pretrained(cfg.model.hf_path)
-    data = PromptDataset.from_config(cfg.data, prompt_len=lambda p: len(tok(p).input_ids))
+    data = PromptDataset.from_config(cfg.data, prompt_len=lambda p: len(encode_prompt(
+        tok, p, chat_template=cfg.data.chat_template)))
     divisible = cfg.model.make_vocab_size_divisible_by
     eng = TrainEngine(hf_config, parallel=cfg.parallel, train=cfg.train, topo=topo,
                       dtype=DTYPES[cfg.model.dtype], hf_path=cfg.model.hf_path,
@@ -335,7 +338,8 @@ def train(cfg: Config, *, hf_config, rt=None) -> dict:
         rt.step = step  # kept in this rank's records: a restart names the step a rank died in
         rows = job.data.next_batch(cfg.data.prompts_per_step)
         with timer.phase("rollout"):
-            batch = generate(rollout, cfg, prompt_ids=[job.tokenizer(r["prompt"]).input_ids for r in rows], step=step)
+            ids = [encode_prompt(job.tokenizer, r["prompt"], chat_template=cfg.data.chat_template) for r in rows]
+            batch = generate(rollout, cfg, prompt_ids=ids, step=step)
             rewards = score(job, rows, batch)
         adv = group_advantages(torch.tensor(rewards), group_size=a.group_size, estimator=a.name,
                                normalize_std=a.normalize_adv_std, eps=a.adv_eps)
@@ -361,6 +365,8 @@ def train(cfg: Config, *, hf_config, rt=None) -> dict:
     log.print(f"mean reward per step:\n{ascii_curve(history)}\n"
               f"reward first 20%: {first:.4f}  last 20%: {last:.4f}  gain: {gain:+.4f}")
     log.close()
+    if job.rank == 0 and L.jsonl:  # the PNG next to metrics.jsonl (one line instead without matplotlib)
+        log.print(end_of_run_plot(L.run_dir))
     # Megatron's state only: vLLM's shutdown at exit destroys its groups and the default one.
     destroy_distributed(keep_process_group=True)
     return {"reward_first": first, "reward_last": last, "reward_gain": gain, "rewards": history}
@@ -424,7 +430,7 @@ def main(argv: Optional[list] = None) -> int:
         check_supported(cfg)
     except ConfigError as e:
         if rank == 0:
-            print(e, file=sys.stderr)
+            print(e, file=console.stderr())
         return 2
 
     def job(rt) -> int:

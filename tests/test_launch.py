@@ -3,6 +3,8 @@
 Faults: kill -9 of one rank during "train", the same during "sync", an exception on one
 rank in "rollout". Each must end the whole launch non-zero within 60 s, print the failing
 rank and phase once (the FIRST FAILURE block), leave every rank's log and no process.
+The console is quiet: no torchrun ``[default0]:`` prefixes; a rank that raises prints its
+``[rank N] FAILED in phase ...`` line there itself, before the report, its traceback only in its log.
 Bad launches: each gets exactly one error line, before torchrun starts.
 """
 import json
@@ -105,8 +107,14 @@ def test_fault_fails_fast_and_names_rank_and_phase(tmp_path, what, phase, rank):
     assert f"rank {rank} " in head and f"phase '{phase}'" in head, head
     if what == "raise":
         assert "RuntimeError: injected fault on rank 3 in rollout" in head, head
+        # The failing rank said so on the console itself, at once: before torchrun's teardown and the report.
+        said = [i for i, ln in enumerate(text.splitlines()) if ln.startswith(f"[rank {rank}] FAILED in phase '{phase}'")]
+        assert len(said) == 1 and "injected fault" in text.splitlines()[said[0]], text[-3000:]
+        assert said[0] < text.splitlines().index(head), text[-3000:]
+        assert 'raise RuntimeError(f"injected fault' not in text  # its traceback is in its log (below), not here
     else:
         assert "without a Python exception" in head and f"pid {vpid}" in head, head
+    assert "[default" not in text, text[-4000:]  # a quiet console: no torchrun prefixes
     # Every rank recorded itself; the victim is the only one that never reached an end state.
     assert [s["rank"] for s in sts] == [0, 1, 2, 3]
     states = {s["rank"]: s["state"] for s in sts}

@@ -74,7 +74,10 @@ def test_launch_check_lines(tmp_path, capsys):
     cfg.write_text(f"parallel: {{world_size: 4}}\nlogging: {{run_dir: {tmp_path}/run}}\n")
     ok = launch_check.main(["--config", str(cfg), "--nnodes", "1", "--nproc-per-node", "4",
                            "--master-port", str(free_port())])
-    assert ok == 0 and capsys.readouterr().out.splitlines() == [f"{tmp_path}/run", "1"]
+    assert ok == 0 and capsys.readouterr().out.splitlines() == [f"{tmp_path}/run", "1", "0"]
+    assert launch_check.main(["--config", str(cfg), "--nnodes", "1", "--nproc-per-node", "4", "--no-endpoint",
+                              "--", "logging.verbose=true"]) == 0
+    assert capsys.readouterr().out.splitlines() == [f"{tmp_path}/run", "1", "1"]
     for argv, needle in [
         (["--nnodes", "1:2", "--nproc-per-node", "4"], "NNODES='1:2' must be a positive integer"),
         (["--nnodes", "2", "--nproc-per-node", "4"], "NPROC_PER_NODE=4 x NNODES=2 = 8 ranks"),

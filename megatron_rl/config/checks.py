@@ -21,6 +21,7 @@ from typing import Optional
 
 from transformers import AutoConfig
 
+from megatron_rl.data.chat import check_chat_template
 from megatron_rl.errors import ConfigError, LayoutError, config_error, config_error_from
 from megatron_rl.models import RopeError, rope_spec
 from megatron_rl.models.shape import ModelShape
@@ -124,6 +125,8 @@ def check_files(cfg) -> None:
         _fail("model.hf_path", f"{cfg.model.hf_path!r} holds no config.json",
               "point it at a HF model directory (for the tiny demo: megatron-rl make-tiny-model --out "
               f"{cfg.model.hf_path})")
+    if cfg.data.chat_template:
+        check_chat_template(cfg.model.hf_path)
     ref = cfg.algorithm.ref_hf_path
     if cfg.algorithm.kl_coef > 0 and ref and not os.path.isfile(os.path.join(ref, "config.json")):
         _fail("algorithm.ref_hf_path", f"{ref!r} holds no config.json",

@@ -160,6 +160,7 @@ class DataConfig:
     shuffle: bool = True  # a seeded permutation per epoch (deterministic, resumable)
     synthetic_size: int = 1024  # rows of a synthetic dataset
     seed: int = 1234
+    chat_template: bool = False  # prompts as one user turn of the tokenizer's chat template (instruct models)
 
     def __post_init__(self):
         _positive("data", prompts_per_step=self.prompts_per_step, max_prompt_len=self.max_prompt_len,
@@ -261,6 +262,10 @@ class LoggingConfig:
     phase_table: bool = True  # print the per-phase time/memory table every table_every steps
     table_every: int = 10
     log_every: int = 1  # steps between metric rows (JSONL, TensorBoard)
+    # false: the launch scripts keep every rank's output (vLLM, torch, warnings) in <run_dir>/logs and
+    # the console shows rank 0's progress bar, tables and messages, and errors; true: rank 0's whole
+    # output on the console too (torchrun --tee, "[default0]:" prefixes). See megatron_rl/console.py.
+    verbose: bool = False
 
     def __post_init__(self):
         _positive("logging", log_every=self.log_every, table_every=self.table_every)

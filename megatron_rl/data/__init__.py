@@ -7,6 +7,7 @@ Usage::
 
     ds = PromptDataset.from_config(cfg.data)
     batch = ds.next_batch(cfg.data.prompts_per_step)     # list of row dicts, each with "prompt"
+    ids = encode_prompt(tok, batch[0]["prompt"], chat_template=cfg.data.chat_template)   # see .chat
     state = ds.state_dict(); ...; ds.load_state_dict(state)
 """
 from __future__ import annotations
@@ -17,9 +18,10 @@ import random
 from typing import Callable, Optional
 
 from megatron_rl.errors import ConfigError
+from megatron_rl.data.chat import encode_prompt
 from megatron_rl.data.synthetic import DEFAULT_REWARD, TASKS, synthetic_rows
 
-__all__ = ["PromptDataset", "load_rows", "read_jsonl", "read_parquet", "synthetic_rows", "TASKS", "DEFAULT_REWARD"]
+__all__ = ["PromptDataset", "encode_prompt", "load_rows", "read_jsonl", "read_parquet", "synthetic_rows", "TASKS", "DEFAULT_REWARD"]
 
 
 def _err(field: str, problem: str, fix: str) -> ConfigError:

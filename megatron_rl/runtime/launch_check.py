@@ -10,7 +10,9 @@ Checked here, without any process group (the config's layout rules live in
   ``MASTER_ADDR``) can bind ``MASTER_ADDR:MASTER_PORT``; every other node can connect to it
   within ``--wait`` seconds (a bounded wait, then an error).
 
-On success it prints two lines on stdout, the run directory and ``is_host`` (1, 0)::
+On success it prints three lines on stdout: the run directory, ``is_host`` (1, 0) and
+``logging.verbose`` (1, 0; the launch script picks the console mode from it, see
+:mod:`megatron_rl.console`)::
 
     python -m megatron_rl.runtime.launch_check --config c.yaml --nnodes 2 --nproc-per-node 2 \
         --node-rank 1 --master-addr 10.0.0.1 --master-port 29500 --wait 60 -- train.steps=3
@@ -139,6 +141,7 @@ def main(argv=None) -> int:
         return 2
     print(cfg.logging.run_dir)
     print(is_host)
+    print(int(cfg.logging.verbose))
     return 0
 
 

@@ -26,6 +26,7 @@ from importlib import metadata
 import torch
 import torch.distributed as dist
 
+from megatron_rl import console
 from megatron_rl.config import ConfigError, load_config, validate
 from megatron_rl.parallel import collectives as coll
 from megatron_rl.runtime.rank import RankRuntime, run_rank
@@ -113,16 +114,16 @@ def _preflight(rt: RankRuntime, cfg) -> int:
                 json.dump(summary, f, indent=1)
             print(f"preflight: world {world} = tp {p.tp} x pp {p.pp} x cp {p.cp} x dp {summary['dp']}; rollout tp "
                   f"{cfg.rollout.tp} x {summary['rollout_replicas']} replicas; all {world} ranks answered in "
-                  f"{reach_s:.3f} s\n{_table(infos)}", flush=True)
+                  f"{reach_s:.3f} s\n{_table(infos)}", file=console.stdout(), flush=True)
         if mismatches:
             err = PreflightError("package versions differ across ranks: " + "; ".join(mismatches)
                                  + "; fix: install the same versions on every node (bash launch/env.sh)")
             rt.record_failure(err)
             if rt.rank == 0:
-                print(f"preflight error: {err}", file=sys.stderr, flush=True)
+                print(f"preflight error: {err}", file=console.stderr(), flush=True)
             return 2
         if rt.rank == 0:
-            print("preflight: ok", flush=True)
+            print("preflight: ok", file=console.stdout(), flush=True)
     dist.destroy_process_group()
     return 0
 
@@ -137,6 +138,7 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, overrides=args.overrides)
         validate(cfg, world_size=world, files=False)
     except ConfigError as e:
-        print(f"preflight error: world size {world}: {e}", file=sys.stderr, flush=True)
+        to = console.stderr() if os.environ.get("RANK", "0") == "0" else sys.stderr  # every rank fails alike
+        print(f"preflight error: world size {world}: {e}", file=to, flush=True)
         return 2
     return run_rank(lambda rt: _preflight(rt, cfg), run_dir=cfg.logging.run_dir, timeout_s=cfg.parallel.timeout_s)

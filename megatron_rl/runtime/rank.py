@@ -43,6 +43,7 @@ from typing import Callable, Optional
 
 import torch.distributed as dist
 
+from megatron_rl import console
 from megatron_rl.runtime import faults
 from megatron_rl.runtime.records import archive_attempt, classify, failure_path, status_path, write_json
 
@@ -166,7 +167,7 @@ class RankRuntime:
         exc = TimeoutError(f"phase '{self._phase}' exceeded its {self._phase_timeout:.0f} s timeout "
                            f"(ran {elapsed:.1f} s); thread stacks are in this rank's log")
         self.record_failure(exc, kind="hang")
-        print(f"[rank {self.rank}] FAILED: {exc}", file=sys.stderr, flush=True)
+        console.say(f"[rank {self.rank}] FAILED: {exc}")
         faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
         os._exit(EXIT_HANG)
 
@@ -211,6 +212,17 @@ class RankRuntime:
         return dist.new_group(ranks=ranks, timeout=self.timeout(), backend=backend)
 
 
+def _say_failure(rt: RankRuntime, rec: dict) -> None:
+    """The failure headline on the console at once; its traceback there too, or (a quiet console)
+    in this rank's log, which the headline names."""
+    head = f"[rank {rt.rank}] FAILED in phase '{rec['phase']}' on {rt.host}: {rec['error']}"
+    if not console.captured():
+        print(f"{head}\n{rec['traceback']}", file=sys.stderr, flush=True)
+        return
+    print(f"{head} (traceback: {os.path.join(console.log_dir(), 'stderr.log')})", file=console.stderr(), flush=True)
+    print(f"{head}\n{rec['traceback']}", file=sys.stderr, flush=True)
+
+
 def run_rank(job: Callable[[RankRuntime], Optional[int]], *, run_dir: str, timeout_s: float) -> int:
     """Run ``job(rt)`` on this rank; on failure record it, print one line, exit non-zero.
 
@@ -222,12 +234,11 @@ def run_rank(job: Callable[[RankRuntime], Optional[int]], *, run_dir: str, timeo
         code = job(rt) or 0
     except BaseException as exc:  # noqa: BLE001 - every failure must leave a record
         rec = rt.record_failure(exc)
-        if rec["kind"] == "peer_lost":
+        if rec["kind"] == "peer_lost":  # a consequence, not a cause: this rank's log only (when captured)
             print(f"[rank {rt.rank}] stopped in phase '{rec['phase']}': a peer was lost ({rec['error']})",
                   file=sys.stderr, flush=True)
         else:
-            print(f"[rank {rt.rank}] FAILED in phase '{rec['phase']}' on {rt.host}: {rec['error']}\n"
-                  f"{rec['traceback']}", file=sys.stderr, flush=True)
+            _say_failure(rt, rec)
         sys.stdout.flush()
         os._exit(EXIT_FAILED)
     rt.finish()

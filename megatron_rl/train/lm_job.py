@@ -21,6 +21,7 @@ import time
 import torch
 from transformers import AutoConfig
 
+from megatron_rl import console
 from megatron_rl.checkpoint import CheckpointError
 from megatron_rl.checkpoint.megatron import read_meta
 from megatron_rl.checkpoint.spmd import load_checkpoint, save_checkpoint
@@ -99,20 +100,20 @@ def run(args, prepared, rt) -> dict:
         history.append(out)
         if rank == 0:
             print(f"step {step + 1}/{cfg.train.steps} loss {out['loss']:.6f} grad_norm {out['grad_norm']:.6f} "
-                  f"tokens {out['tokens']} time {out['time_s']:.2f}s", flush=True)
+                  f"tokens {out['tokens']} time {out['time_s']:.2f}s", file=console.stdout(), flush=True)
     if args.save:
         hf_dir = os.path.join(args.load, "hf") if args.load else cfg.model.hf_path
         with rt.phase("checkpoint"):  # atomic: temp sibling + rename
             save_checkpoint(eng.model[0], args.save, hf_dir=hf_dir,
                             vocab_divisible_by=cfg.model.make_vocab_size_divisible_by)
         if rank == 0:
-            print(f"saved megatron_rl checkpoint to {args.save}", flush=True)
+            print(f"saved megatron_rl checkpoint to {args.save}", file=console.stdout(), flush=True)
     summary = {"job": "lm-train", "layout": {"tp": grid.tp, "pp": grid.pp, "cp": grid.cp, "dp": grid.dp,
                                               "sp": cfg.parallel.sequence_parallel,
                                               "distributed_optimizer": cfg.parallel.distributed_optimizer},
                "loss": [h["loss"] for h in history], "grad_norm": [h["grad_norm"] for h in history]}
     if rank == 0:
-        print(json.dumps(summary), flush=True)
+        print(json.dumps(summary), file=console.stdout(), flush=True)
     destroy_distributed()
     return summary
 
@@ -123,7 +124,7 @@ def main(argv=None) -> int:
         prepared = prepare(args)
     except (ConfigError, LayoutError, CheckpointError) as e:
         if os.environ.get("RANK", "0") == "0":  # deterministic: every rank fails the same way
-            print(str(e), file=sys.stderr)
+            print(str(e), file=console.stderr())
         return 2
 
     def job(rt) -> int:
