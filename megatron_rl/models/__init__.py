@@ -110,7 +110,8 @@ def rope_inv_freq(hf_config) -> tuple:
     attention_factor multiplies cos and sin (yarn; 1.0 otherwise). Our own code, after HF's formulas."""
     spec, head_dim = rope_spec(hf_config), ModelShape.from_hf_config(hf_config).head_dim
     base, kind = float(spec["rope_theta"]), spec["rope_type"]
-    exponent = torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu") / head_dim  # host math, also under a meta device
+    # host math (explicit cpu: also under a meta device context, as plan builds)
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu") / head_dim
     inv_freq = 1.0 / (base ** exponent)
     if kind == "linear":
         return inv_freq / float(spec["factor"]), 1.0

@@ -139,8 +139,8 @@ def train_memory(cfg, shape: ModelShape, rank, mb: MicroBatch, *, world_size: in
         working = 0
     per_mb += (2 * s * shape.hidden * elem) if last else 0  # the final norm's input and output
     working += 4 * mb.tokens * shape.ffn // p.tp * elem  # one layer's MLP gradients in backward
-    logits = logits_bytes(shape, mb, tp=p.tp, tp_rank=rank.tp, vocab_divisible_by=cfg.model.make_vocab_size_divisible_by,
-                          elem=elem) if last else 0
+    divisible = cfg.model.make_vocab_size_divisible_by
+    logits = logits_bytes(shape, mb, tp=p.tp, tp_rank=rank.tp, vocab_divisible_by=divisible, elem=elem) if last else 0
     return TrainMemory(label=rank.label, weights=n * elem, grads=4 * n, master=master_full // shard,
                        adam=8 * n // shard, master_adam_unsharded=master_full + 8 * n, in_flight=in_flight,
                        activations=in_flight * per_mb, working_set=working, logits=logits,

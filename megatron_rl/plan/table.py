@@ -42,7 +42,8 @@ def render(out: dict) -> str:
               "  during rollout: the training state stays resident beside vLLM's share",
               f"  sleep releases KV cache and weights; stays: CUDA graphs ~{_g(r['residual']).strip()}",
               "weight sync:",
-              f"  bytes moved                  {_g(s['bytes_moved'])}  (busiest rank {_g(s['max_rank_bytes']).strip()})",
+              f"  bytes moved                  {_g(s['bytes_moved'])}  "
+              f"(busiest rank {_g(s['max_rank_bytes']).strip()})",
               f"  buckets                      {s['buckets']:8d}",
               f"  peak extra memory            {_g(s['peak_extra_bytes'])}",
               f"  time on the links            {s['seconds']:8.2f} s  (bound {s['bound_seconds']:.2f} s)",
