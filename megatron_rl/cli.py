@@ -15,6 +15,7 @@ COMMANDS = {
     "lm-train": ("megatron_rl.train.lm_job", "language-model training job on megatron-core (run under torchrun)"),
     "convert": ("megatron_rl.checkpoint.convert", "HF <-> Megatron checkpoint conversion and offline reshard"),
     "make-tiny-model": ("megatron_rl.models.tiny", "build a tiny random HF model and tokenizer, offline"),
+    "plan": ("megatron_rl.plan.command", "check a cluster job's memory, shapes and weight sync from one CPU box"),
     "preflight": ("megatron_rl.runtime.preflight", "check ranks, devices, versions and config before a job"),
     "plot": ("megatron_rl.plot", "PNG of a run's reward, loss, mismatch and phase times (needs matplotlib)"),
 }

@@ -110,7 +110,8 @@ def rope_inv_freq(hf_config) -> tuple:
     attention_factor multiplies cos and sin (yarn; 1.0 otherwise). Our own code, after HF's formulas."""
     spec, head_dim = rope_spec(hf_config), ModelShape.from_hf_config(hf_config).head_dim
     base, kind = float(spec["rope_theta"]), spec["rope_type"]
-    exponent = torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim
+    # host math (explicit cpu: also under a meta device context, as plan builds)
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu") / head_dim
     inv_freq = 1.0 / (base ** exponent)
     if kind == "linear":
         return inv_freq / float(spec["factor"]), 1.0
@@ -146,7 +147,7 @@ def _yarn_inv_freq(pos_freqs: torch.Tensor, spec: dict, dim: int) -> tuple:
     if spec.get("truncate", True):
         low, high = math.floor(low), math.ceil(high)
     low, high = max(low, 0), min(high, dim - 1)
-    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / ((high - low) or 0.001), 0, 1)
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / ((high - low) or 0.001), 0, 1)
     extrapolate = 1 - ramp
     inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolate) + (1.0 / pos_freqs) * extrapolate
     attention = spec.get("attention_factor")

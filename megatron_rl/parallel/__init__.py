@@ -20,6 +20,7 @@ Usage (under torchrun)::
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from datetime import timedelta
@@ -33,7 +34,7 @@ from megatron_rl.parallel.topology import RolloutGrid, Topology
 
 
 __all__ = ["init_distributed", "destroy_distributed", "check_layout", "RankGrid", "TrainCoord", "LayoutError",
-           "RolloutGrid", "Topology", "rollout_topology"]
+           "RolloutGrid", "Topology", "rollout_topology", "fake_rank"]
 
 
 _OWNED: list = []  # the process groups init_distributed created, newest last
@@ -158,6 +159,40 @@ def _check_ranks(topo: Topology, parallel_state) -> None:
     if (pp != topo.pp_ranks or parallel_state.get_pipeline_model_parallel_last_rank() != topo.pp_last_rank
             or stages != (topo.is_first_stage, topo.is_last_stage)):
         raise RuntimeError(f"topology pipeline {topo.pp_ranks} disagrees with megatron's {pp}")
+
+
+@contextlib.contextmanager
+def fake_rank(parallel, *, world_size: int, rank: int, rollout_tp: int = 1):
+    """Be rank ``rank`` of a ``world_size`` world inside this one process, for planning.
+
+    torch's fake process-group backend (every collective a no-op, no other process) under
+    megatron-core's own group construction: a model built inside the block (on the ``meta``
+    device) has exactly the shard shapes that rank builds in the job. Yields the
+    :class:`Topology`; tears everything down on exit. Refuses a live process group.
+    """
+    # lazy: keeps megatron out of CLI start-up; the import registers torch's "fake" backend
+    from megatron.core import parallel_state
+    from megatron.core.process_groups_config import ProcessGroupCollection  # lazy: as above
+    from torch.testing._internal.distributed.fake_pg import FakeStore  # lazy: as above
+
+    if torch.distributed.is_initialized():
+        raise RuntimeError("fake_rank needs a process without torch.distributed (it plans, it does not run)")
+    grid = check_layout(parallel, world_size=world_size)
+    grid.check_rollout_tp(rollout_tp)
+    megatron_compat.apply_for(cuda=torch.cuda.is_available())
+    torch.distributed.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
+    try:
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=parallel.tp, pipeline_model_parallel_size=parallel.pp,
+            context_parallel_size=parallel.cp, order="tp-cp-ep-dp-pp", create_gloo_process_groups=False)
+        topo = Topology.build(grid, rank=rank, rollout_tp=rollout_tp,
+                              pg_collection=ProcessGroupCollection.use_mpu_process_groups(), control_group=None)
+        _check_ranks(topo, parallel_state)
+        yield topo
+    finally:
+        if parallel_state.model_parallel_is_initialized():
+            parallel_state.destroy_model_parallel()
+        torch.distributed.destroy_process_group()
 
 
 def destroy_distributed(*, keep_process_group: bool = False) -> None:
