@@ -50,10 +50,15 @@ STEP_FIELDS = (
 _KNOWN_NOISE = (r".*(Transformer Engine|Apex).* not installed.*", r".*full scope is deprecated.*")
 
 
-def quiet_other_ranks(rank: int) -> None:
-    """Silence library chatter on ranks other than 0 (errors still show), and known noise on all."""
+def quiet_known_noise() -> None:
+    """Drop the warnings that every CPU run prints and that say nothing actionable."""
     for pattern in _KNOWN_NOISE:
         warnings.filterwarnings("ignore", message=pattern)
+
+
+def quiet_other_ranks(rank: int) -> None:
+    """Silence library chatter on ranks other than 0 (errors still show), and known noise on all."""
+    quiet_known_noise()
     # read when vLLM is first imported; INFO lines every step would break the progress bar
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING" if rank == 0 else "ERROR")
     if rank == 0:

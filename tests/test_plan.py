@@ -21,10 +21,10 @@ from _launch import REPO, torchrun
 from megatron_rl.plan.command import _args, main, run
 
 FIXTURES = os.path.join(REPO, "tests", "fixtures", "models")
-GPU_70B = ["--config", os.path.join(REPO, "configs", "gpu_70b_64gpu.yaml"), "--hf-config",
-           os.path.join(FIXTURES, "Llama-3.1-70B")]
-GPU_7B = ["--config", os.path.join(REPO, "configs", "gpu_7b_8gpu.yaml"), "--hf-config",
-          os.path.join(FIXTURES, "Qwen2.5-7B")]
+# As a user types it: model.hf_path (/models/...) is absent here, so the published copy beside the
+# config (configs/models/<Name>) is used, and the output says so.
+GPU_70B = ["--config", os.path.join(REPO, "configs", "gpu_70b_64gpu.yaml")]
+GPU_7B = ["--config", os.path.join(REPO, "configs", "gpu_7b_8gpu.yaml")]
 
 
 def _hf_params(name: str, *, tp: int) -> int:
@@ -55,6 +55,9 @@ def test_gpu_configs_fit(plans, name):
     assert out["shapes"]["layout_agrees"], out["shapes"]["mismatches"]
     assert max(out["phases"].values()) <= out["gpu_bytes"]
     assert out["rollout"]["sequences"] >= 1 and out["sync"]["bytes_moved"] > 0
+    model = {"70b": "Llama-3.1-70B-Instruct", "7b": "Qwen2.5-7B-Instruct"}[name]
+    assert out["hf_config_is_published_copy"], out["hf_config"]
+    assert out["hf_config"] == os.path.join(REPO, "configs", "models", model), out["hf_config"]
 
 
 @pytest.mark.unit
@@ -83,10 +86,12 @@ def test_recompute_off_does_not_fit(plans):
 
 
 @pytest.mark.unit
-def test_plan_errors_are_one_line(capsys):
-    assert main(GPU_7B[:2] + ["--json"]) == 2  # /models/... is not on this box
+def test_plan_errors_are_one_line(capsys, tmp_path):
+    assert main(GPU_7B + ["--check-files", "--json"]) == 2  # the real path is asked for, and /models/... is not here
     err = capsys.readouterr().err.strip()
     assert err.startswith("config error: model.hf_path:") and "--hf-config" in err and "\n" not in err
+    assert main(GPU_7B + ["--hf-config", str(tmp_path), "--json"]) == 2  # an explicit dir without config.json
+    assert "--hf-config" in capsys.readouterr().err
     assert main(GPU_7B + ["--world-size", "6"]) == 2
     assert "parallel.world_size" in capsys.readouterr().err
 

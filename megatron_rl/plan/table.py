@@ -26,6 +26,8 @@ def render(out: dict) -> str:
     mb, r, s, sh = out["micro_batch"], out["rollout"], out["sync"], out["shapes"]
     lines = [f"megatron-rl plan: {out['plan']}, {out['world_size']} ranks, {out['gpu_bytes'] / GiB:.0f} GiB per GPU",
              "validation                     ok (config, HF config, world size)",
+             f"model config                   {out['hf_config']}/config.json"
+             + (" (published copy: model.hf_path is not on this machine)" if out["hf_config_is_published_copy"] else ""),
              f"shapes                         {sh['positions']} rank positions built on meta; layout algebra "
              + ("agrees" if sh["layout_agrees"] else f"DISAGREES: {sh['mismatches']}"),
              f"largest micro-batch            {mb['tokens']} tokens, {mb['response_tokens']} response tokens, "
