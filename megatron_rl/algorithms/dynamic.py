@@ -74,3 +74,21 @@ class DynamicPool:
         groups sampled) and ``dynamic/groups_topped_up``."""
         return {"dynamic/gen_batches": self.batches, "dynamic/groups_sampled": self.sampled,
                 "dynamic/groups_kept": len(self.kept), "dynamic/groups_topped_up": self.topped_up}
+
+
+def select_groups(parts: list, chosen: list, *, group_size: int) -> tuple:
+    """``(RolloutBatch, rewards (len(chosen)*G,) list)`` of the ``chosen`` ``(batch, group)``
+    pairs, from ``parts``: one ``(RolloutBatch, flat rewards)`` per rollout batch sampled."""
+    from megatron_rl.algorithms.grpo import RolloutBatch  # lazy: grpo's import stays one-way
+
+    G = group_size
+    rows, prompts, resp, logp, rewards = [], [], [], [], []
+    for b, g in chosen:
+        batch, r = parts[b]
+        if batch.rows:
+            rows.append(batch.rows[g])
+        prompts.append(batch.prompt_ids[g])
+        resp.append(batch.response_ids[g])
+        logp.append(batch.logprobs[g])
+        rewards += list(r[g * G:(g + 1) * G])
+    return RolloutBatch(rows=rows, prompt_ids=prompts, response_ids=resp, logprobs=logp), rewards

@@ -63,8 +63,12 @@ class SliceReader:
 
 
 def load_hf_into(chunks: list, hf_path: str, *, hf_config=None, tp: Optional[int] = None, pp: Optional[int] = None,
-                 tp_rank: Optional[int] = None, pp_rank: Optional[int] = None, vocab_divisible_by: int = 128) -> int:
+                 tp_rank: Optional[int] = None, pp_rank: Optional[int] = None, vocab_divisible_by: int = 128,
+                 skip: tuple = ()) -> int:
     """Copy HF weights into ``chunks`` (one GPTModel chunk). Coordinates default to megatron's state.
+
+    ``skip``: name prefixes left as built on both sides (the critic's ``("output_layer.",)``:
+    its value head has no HF counterpart).
 
     Returns the number of parameters filled. Raises if the model's parameters and the layout
     disagree on names or shapes.
@@ -83,6 +87,8 @@ def load_hf_into(chunks: list, hf_path: str, *, hf_config=None, tp: Optional[int
     te_names = uses_te_names(params)
     layout = megatron_rank_tensors(ModelShape.from_hf_config(hf_config), tp=tp, pp=pp, tp_rank=tp_rank,
                                    pp_rank=pp_rank, vocab_divisible_by=vocab_divisible_by, te_names=te_names)
+    layout = {k: v for k, v in layout.items() if not k.startswith(skip)} if skip else layout
+    params = {k: v for k, v in params.items() if not k.startswith(skip)} if skip else params
     if set(layout) != set(params):
         raise LayoutError(f"model parameters and layout disagree: only in model {sorted(set(params) - set(layout))}, "
                           f"only in layout {sorted(set(layout) - set(params))}")
