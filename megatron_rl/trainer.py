@@ -447,13 +447,18 @@ class _NoRuntime:
 def check_supported(cfg: Config) -> None:
     """Checks this loop adds to the config's own: fail before any work (one line naming the field)."""
     a = cfg.algorithm
-    if a.kl_coef > 0 and a.ref_hf_path and os.path.abspath(a.ref_hf_path) != os.path.abspath(cfg.model.hf_path):
+    others = [("algorithm.ref_hf_path", a.ref_hf_path if a.kl_coef > 0 else None),
+              ("algorithm.critic_hf_path", a.critic_hf_path)]
+    for key, path in others:  # the reference and the critic run at the policy's layout: same shape
+        if not path or os.path.abspath(path) == os.path.abspath(cfg.model.hf_path):
+            continue
         want = vars(ModelShape.from_hf_config(AutoConfig.from_pretrained(cfg.model.hf_path)))
-        got = vars(ModelShape.from_hf_config(AutoConfig.from_pretrained(a.ref_hf_path)))
-        diff = ", ".join(f"{k} {got[k]} != {want[k]}" for k in want if got[k] != want[k])
+        got = vars(ModelShape.from_hf_config(AutoConfig.from_pretrained(path)))
+        diff = ", ".join(f"{k} {got[k]} != {want[k]}" for k in want if got[k] != want[k]
+                         and not (k == "tied" and key == "algorithm.critic_hf_path"))  # no lm_head in a critic
         if diff:
-            raise ConfigError(f"config error: algorithm.ref_hf_path: {a.ref_hf_path!r} has another shape than the "
-                              f"policy's model.hf_path ({diff}); fix: use a reference with the policy's architecture")
+            raise ConfigError(f"config error: {key}: {path!r} has another shape than the policy's "
+                              f"model.hf_path ({diff}); fix: use a model with the policy's architecture")
 
 
 def main(argv: Optional[list] = None) -> int:
