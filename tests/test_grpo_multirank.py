@@ -97,7 +97,8 @@ def test_tis_acts_on_real_rollout_mismatch(results):
 
 
 def _rel_close(x: float, y: float, rel: float = 1e-5) -> bool:
-    return abs(x - y) <= rel * max(abs(y), 1e-6)
+    # explained variance is 1 - a ratio, near 0 here: its floor makes the bound relative to that ratio
+    return abs(x - y) <= rel * max(abs(y), 1e-2)
 
 
 def test_ppo_step_matches_across_layouts_and_packings(results):
