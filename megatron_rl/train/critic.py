@@ -11,7 +11,8 @@ Unlike the frozen reference its weights change, so every offload stores them afr
 
 * parameters and optimizer state (Adam moments, fp32 master copies, step counters) go through
   ``make_store``: a file written and privately mapped on CPU, a pinned host copy on CUDA. The
-  set of tensors is taken at each offload (Adam's state appears at the first step);
+  set of tensors is taken at each offload (Adam's state appears at the first step); on CUDA the
+  pinned buffers are refilled in place once that set stops changing (no new pinned memory);
 * the DDP gradient buffers are freed with megatron-core's own ``offload_to_cpu(move_params=False)``
   (``storage().resize_(0)``, views stay valid; gradients are zeroed before every step anyway).
 
@@ -91,7 +92,8 @@ class Critic:
     def offload(self) -> None:
         if not self.resident:
             return
-        self.store = make_store(self._tensors(), path=self.path)  # writes the current bytes
+        # the current bytes: a new file on CPU, the same pinned buffers on CUDA once Adam's state exists
+        self.store = make_store(self._tensors(), path=self.path, reuse=self.store)
         self.store.offload()
         for m in self.model:
             for buf in m.buffers:
