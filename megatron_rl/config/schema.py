@@ -130,6 +130,9 @@ class AlgorithmConfig:
     critic_lr: Optional[float] = None  # the critic's learning rate; None = train.lr (same schedule)
     critic_hf_path: Optional[str] = None  # the critic's initial HF weights; None = model.hf_path
     critic_warmup_steps: int = 0  # first steps train the critic only (the policy is not updated)
+    # the critic's passes over one rollout (each: every mini-batch once). A critic starts from the policy's
+    # features, which need not encode the value: one pass per rollout leaves its explained variance near 0.
+    critic_epochs: int = 4
     # DAPO dynamic sampling: drop groups whose rewards all agree and sample more rollout batches until
     # data.prompts_per_step groups are kept, at most max_gen_batches per step (then topped up with dropped groups).
     dynamic_sampling: bool = False
@@ -158,7 +161,7 @@ class AlgorithmConfig:
         if self.adv_eps <= 0:
             _fail("algorithm.adv_eps", f"must be > 0, got {self.adv_eps}", "use e.g. 1e-6")
         _positive("algorithm", mini_batches=self.mini_batches, ppo_epochs=self.ppo_epochs,
-                  max_gen_batches=self.max_gen_batches)
+                  max_gen_batches=self.max_gen_batches, critic_epochs=self.critic_epochs)
 
     def _check_ppo(self) -> None:
         if self.name != "ppo":

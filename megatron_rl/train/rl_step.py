@@ -8,8 +8,8 @@ The trainer's loop (:mod:`megatron_rl.trainer`) calls them in a flat, timed sequ
     out = policy_update(eng, cfg, batch, plan, lr=lr, ref_logp=ref_logp)
     out |= critic_update(critic, cfg, plan, targets=targets, lr=critic_lr)
 
-Each optimizer step trains one mini-batch (``algorithm.mini_batches``); the rollout is trained
-``algorithm.ppo_epochs`` times. Statistic sums are reduced over every rank.
+Each optimizer step trains one mini-batch (``algorithm.mini_batches``); the policy trains on
+the rollout ``algorithm.ppo_epochs`` times, the critic ``algorithm.critic_epochs`` times. Statistic sums are reduced over every rank.
 """
 from __future__ import annotations
 
@@ -145,10 +145,10 @@ def _ratio_metrics(loss: GRPOLoss, *, topo, tis_cap) -> dict:
 
 
 def critic_update(critic, cfg, plan: StepPlan, *, targets: PPOTargets, lr: float) -> dict:
-    """The critic's optimizer steps over the same mini-batches and epochs; its value loss, clip
-    share, grad norm and the explained variance of the values the advantages came from."""
+    """The critic's optimizer steps over the same mini-batches, ``algorithm.critic_epochs`` times;
+    its value loss and clip share (mean over the passes) and mean grad norm."""
     _set_lr(critic.optimizer, lr)
     loss = ValueLoss(cfg.algorithm, targets=targets, key_of=plan.shards[0].__getitem__)
-    outs = _epochs(critic, plan, epochs=cfg.algorithm.ppo_epochs, loss=loss, values=True)
+    outs = _epochs(critic, plan, epochs=cfg.algorithm.critic_epochs, loss=loss, values=True)
     return {**value_stats(_global(loss.sums(), topo=critic.topo)), "critic/grad_norm": _mean_norm(outs),
             "critic/lr": lr}
