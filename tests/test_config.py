@@ -121,6 +121,8 @@ BAD = [
      "config error: algorithm.critic_warmup_steps: 20 >= train.steps=20"),
     ("gae lambda out of range", ["algorithm.name=ppo", "algorithm.lam=1.5"], None,
      "config error: algorithm.lam: must be in [0, 1], got 1.5"),
+    ("no critic passes", ["algorithm.name=ppo", "algorithm.critic_epochs=0"], None,
+     "config error: algorithm.critic_epochs: must be >= 1, got 0"),
     ("value clip not positive", ["algorithm.name=ppo", "algorithm.value_clip=0"], None,
      "config error: algorithm.value_clip: must be > 0 or null"),
     ("zero gen batches", ["algorithm.max_gen_batches=0"], None, "config error: algorithm.max_gen_batches: must be >= 1"),

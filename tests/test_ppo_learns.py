@@ -15,7 +15,9 @@ Asserted, each against numbers the trainer logs:
   kept and target counts), and the trained batch's rewards hold no all-equal group but those
   fillers (``reward/zero_adv_groups``, computed from the trained rewards, not by the filter).
 
-Measured: see the docstring's last line (wall of the launch); the launch timeout is over twice it.
+Measured (10 steps, 2 cores shared with other jobs, load ~20): 105 s wall for the launch, 112 s
+for the test; reward 0.059 -> 0.350, explained variance -0.000 -> +0.263, 21..29 of 32 groups kept
+per step (two rollout batches each). The launch timeout (900 s) is over twice the wall time.
 """
 import os
 import time

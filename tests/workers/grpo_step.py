@@ -18,7 +18,7 @@ around an offload and an onload, and whether log-probs after offload + onload ar
 same. Rank 0 writes every step's metrics per layout; the test compares layouts that must agree.
 
 PPO variants (``ppo``, ``ppo_naive``: ``algorithm.name=ppo`` with a critic, ``PPO_EPOCHS`` passes
-over the rollout) run the trainer's own choreography (``trainer.update``: critic, train,
+over the rollout, the critic as many) run the trainer's own choreography (``trainer.update``: critic, train,
 critic_train) and report, besides the steps and phase names: the policy's log-probs of the batch
 packed with ``train.micro_batch_groups`` 1 and 4 (max |difference|), and the critic's RSS around
 an offload and an onload against the bytes it holds (parameters, Adam state, gradient buffers).
@@ -45,7 +45,8 @@ KL_COEF = 0.1
 ROLLOUT_DTYPE = "bfloat16"  # vLLM; the trainer stays fp32
 TIS_CAP = 1.002  # bf16 vs fp32 here: |dlogp| mean ~2.3e-3, max ~8e-3, so the cap bites on some tokens
 MAX_NEW = 8
-PPO = ["algorithm.name=ppo", "algorithm.critic_lr=1e-3", "algorithm.ppo_epochs=2", "algorithm.lam=0.9"]
+PPO = ["algorithm.name=ppo", "algorithm.critic_lr=1e-3", "algorithm.ppo_epochs=2", "algorithm.critic_epochs=2",
+       "algorithm.lam=0.9"]
 
 
 def _rollout_cfg(path: str):
