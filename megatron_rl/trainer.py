@@ -36,7 +36,9 @@ from transformers import AutoConfig, AutoTokenizer
 
 from megatron_rl import console
 from megatron_rl.algorithms import group_advantages, lr_at
-from megatron_rl.algorithms.grpo import GRPOLoss, RolloutBatch, dp_shards, make_groups, stats_from_sums
+from megatron_rl.algorithms.dynamic import DynamicPool, select_groups
+from megatron_rl.algorithms.grpo import RolloutBatch
+from megatron_rl.algorithms.ppo_step import ppo_targets
 from megatron_rl.config import Config, ConfigError, load_config, validate
 from megatron_rl.data import PromptDataset, encode_prompt
 from megatron_rl.metrics import (MetricsLogger, PhaseTimer, ascii_curve, length_stats, phase_table, quiet_other_ranks,
@@ -55,8 +57,10 @@ from megatron_rl.runtime import run_rank
 from megatron_rl.runtime.rank import restart_count
 from megatron_rl.runtime.report import restart_line
 from megatron_rl.runtime.resources import resource_metrics
+from megatron_rl.train.critic import Critic
 from megatron_rl.train.engine import TrainEngine
 from megatron_rl.train.reference import ReferenceModel, reference_path
+from megatron_rl.train.rl_step import critic_update, forward_table, gather_table, plan_step, policy_update
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -73,97 +77,118 @@ def start_rollout(cfg: Config, *, topo):
                       dtype=cfg.rollout_dtype)
 
 
-def generate(engine, cfg: Config, *, prompt_ids: list, step: int) -> RolloutBatch:
+def generate(engine, cfg: Config, *, prompt_ids: list, step: int, draw: int = 0) -> RolloutBatch:
     """G samples of every prompt, with the engine's log-probs; every rank gets the whole batch.
 
     Each prompt is repeated G times in a row, so a group stays on one replica (its prompt is
     prefix-cached) and the engine's per-prompt seeds ``seed + i`` depend only on (seed, step):
-    a resumed run draws the same samples whatever the layout.
+    a resumed run draws the same samples whatever the layout. ``draw`` numbers the extra
+    rollout batches of one step (dynamic sampling) so each gets its own seeds.
     """
 
     r, G = cfg.rollout, cfg.algorithm.group_size
     flat = [p for p in prompt_ids for _ in range(G)]
     sampling = Sampling(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
-                        seed=(r.seed * 1_000_003 + step * len(flat)) % (1 << 30))
+                        seed=(r.seed * 1_000_003 + step * len(flat) + draw * 7_919_993) % (1 << 30))
     outs = engine.generate(flat, sampling=sampling)
     resp = [[list(outs[g * G + i].tokens) for i in range(G)] for g in range(len(prompt_ids))]
     logp = [[list(outs[g * G + i].logprobs) for i in range(G)] for g in range(len(prompt_ids))]
     return RolloutBatch(rows=[], prompt_ids=prompt_ids, response_ids=resp, logprobs=logp)
 
 
+def rollout_step(job: "Job", *, step: int) -> tuple:
+    """``(batch, rewards, metrics)`` of one step: ``data.prompts_per_step`` groups, sampled and
+    scored. With ``algorithm.dynamic_sampling`` groups whose rewards all agree are dropped and
+    further batches sampled (at most ``algorithm.max_gen_batches``); ``metrics`` count them."""
+    cfg, a = job.cfg, job.cfg.algorithm
+    pool, parts = DynamicPool(target=cfg.data.prompts_per_step), []
+    while not pool.full and pool.batches < (a.max_gen_batches if a.dynamic_sampling else 1):
+        rows = job.data.next_batch(cfg.data.prompts_per_step)
+        ids = [encode_prompt(job.tokenizer, r["prompt"], chat_template=cfg.data.chat_template) for r in rows]
+        batch = generate(job.rollout, cfg, prompt_ids=ids, step=step, draw=pool.batches)
+        batch.rows = rows
+        rewards = score(job, rows, batch)
+        parts.append((batch, rewards))
+        if not a.dynamic_sampling:
+            return batch, rewards, {}
+        pool.add(torch.tensor(rewards), group_size=a.group_size)
+    batch, rewards = select_groups(parts, pool.chosen(), group_size=a.group_size)
+    return batch, rewards, pool.metrics()
+
+
 # ---------------------------------------------------------------------------------------------
 # Training: this DP rank's groups, one optimizer step per mini-batch.
 
 
-def _global_sums(loss: GRPOLoss, *, topo) -> tuple[torch.Tensor, float]:
-    """Statistic sums over every rank. Only last-stage ranks hold non-zero sums, and the TP
-    ranks of one stage hold identical copies, hence the division by TP."""
-    sums = loss.sums()
-    total, mx = coll.sum_max(sums.tolist(), [loss.mismatch_max])
-    return torch.tensor(total, dtype=sums.dtype).reshape(sums.shape) / topo.grid.tp, float(mx[0])
-
-
 def train_step(eng, cfg: Config, batch: RolloutBatch, advantages: torch.Tensor, *, lr: float, ref=None,
                phase=None) -> dict:
-    """Optimizer step(s) on this rank's groups, one per mini-batch. Returns the global loss and its
-    statistics (over all mini-batches and ranks), the mean grad norm (before clipping) and lr.
+    """A GRPO step on this rank's groups (one optimizer step per mini-batch and epoch). Returns
+    the global loss and its statistics, the mean grad norm (before clipping) and lr.
 
     ``ref`` (a :class:`megatron_rl.train.reference.ReferenceModel`) is required when
     ``algorithm.kl_coef > 0``; it is onloaded for its forward and offloaded right after, timed
     as phase "ref" by ``phase`` (a ``phase(name)`` context-manager factory) when given. The
-    layout comes from ``eng.topo``.
+    layout comes from ``eng.topo``. The loop (:func:`update`) runs the same pieces.
     """
-    from megatron_rl.attention import make_batches, make_forward_fn  # lazy: keeps vLLM/megatron out of CLI start-up
-    # lazy: keeps vLLM/megatron out of CLI start-up
-    from megatron_rl.attention.packing import group_tokens, naive_tokens
-
     if cfg.algorithm.kl_coef > 0 and ref is None:
         raise ValueError("algorithm.kl_coef > 0 needs the reference model: pass ref=make_reference(cfg, ...)")
-    for group in eng.optimizer.param_groups:
-        group["lr"] = lr
     topo = eng.topo
-    shards = dp_shards(len(batch.prompt_ids), dp_rank=topo.coord.dp, dp_size=topo.grid.dp,
-                       mini_batches=cfg.algorithm.mini_batches)
-    rollout_logp = batch.logp_by_key()
-    pad = cfg.parallel.tp if cfg.parallel.sequence_parallel else 1
-    shared = cfg.train.shared_prefix
-    size = group_tokens if shared else naive_tokens  # tokens one group occupies in this layout
-    mb_batches = []
-    for indices in shards:
-        groups = make_groups(batch, advantages, indices=indices)
-        # about micro_batch_groups groups per micro-batch; the packer keeps groups whole and in order
-        max_tokens = max(size(g) for g in groups) * cfg.train.micro_batch_groups
-        mb_batches.append(make_batches(groups, max_tokens=max_tokens, max_seq_len=cfg.rollout.max_model_len,
-                                       cp_size=cfg.parallel.cp, pad_multiple=pad, shared_prefix=shared))
-    # Off-policy mini-batches (all but the first) need the log-probs from before the first update.
-    old_logp = _logprobs(eng, shards, mb_batches, topo=topo) if len(shards) > 1 else None
+    plan = plan_step(cfg, batch, topo=topo, advantages=advantages)
+    # Off-policy passes (all but the first) need the log-probs from before the first update.
+    old_logp = forward_table(eng, plan, topo=topo) if plan.passes * cfg.algorithm.ppo_epochs > 1 else None
     ref_logp = None
     if cfg.algorithm.kl_coef > 0:
         with (phase or _no_phase)("ref"), ref.onloaded():
-            ref_logp = _logprobs(ref, shards, mb_batches, topo=topo)
-    loss = GRPOLoss(cfg.algorithm, rollout_logp=rollout_logp, key_of=shards[0].__getitem__, old_logp=old_logp,
-                    ref_logp=ref_logp)
-    outs = []
-    for indices, batches in zip(shards, mb_batches):
-        loss.key_of = indices.__getitem__  # local group index in these micro-batches -> global group
-        outs.append(eng.step(batches, forward_fn=make_forward_fn(loss)))
-    sums, mx = _global_sums(loss, topo=topo)
-    norms = [o["grad_norm"] for o in outs if o["grad_norm"] is not None]
-    return {"grad_norm": sum(norms) / max(len(norms), 1), "lr": lr, **stats_from_sums(sums, mismatch_max=mx)}
+            ref_logp = forward_table(ref, plan, topo=topo)
+    return policy_update(eng, cfg, batch, plan, lr=lr, old_logp=old_logp, ref_logp=ref_logp)
 
 
-def _logprobs(model, shards: list, mb_batches: list, *, topo) -> dict:
-    """``{(global group, response): (R,)}`` log-probs of ``model`` (the engine before any update,
-    or the reference: anything with ``forward(batches, forward_fn=...)``) on the last PP stage."""
-    # lazy: keeps vLLM/megatron out of CLI start-up
-    from megatron_rl.attention import collect_logprobs, make_forward_fn, pg_loss
+def update(job: "Job", batch: RolloutBatch, rewards: list, *, step: int, lr: float, phase) -> dict:
+    """Everything between release and resume, in order, each model onloaded only for its phase::
 
-    out = {}
-    for indices, batches in zip(shards, mb_batches):
-        metrics = model.forward(batches, forward_fn=make_forward_fn(pg_loss))
-        got = collect_logprobs(metrics, cp_group=topo.cp_group)
-        out.update({(indices[g], i): lp for (g, i), lp in got.items()})
+        critic        (PPO) onload, values of every response token, offload
+        ref           (kl_coef > 0) onload, log-probs, offload
+        train         the policy's optimizer steps (none during algorithm.critic_warmup_steps)
+        critic_train  (PPO) onload, the critic's optimizer steps, offload
+    """
+    cfg, a, eng, topo = job.cfg, job.cfg.algorithm, job.eng, job.eng.topo
+    ppo = a.name == "ppo"
+    adv = None if ppo else group_advantages(torch.tensor(rewards), group_size=a.group_size, estimator=a.name,
+                                            normalize_std=a.normalize_adv_std, eps=a.adv_eps)
+    plan = plan_step(cfg, batch, topo=topo, advantages=adv)  # PPO: forward-only (advantages need values)
+    values, ref_logp, out = None, None, {}
+    if ppo:
+        with phase("critic"), job.critic.onloaded():
+            values = gather_table(forward_table(job.critic, plan, topo=topo, values=True), topo=topo)
+    if job.ref is not None:
+        with phase("ref"), job.ref.onloaded():
+            ref_logp = forward_table(job.ref, plan, topo=topo)
+    with phase("train"):
+        off_policy = plan.passes * a.ppo_epochs > 1 or (ppo and a.kl_coef > 0)
+        old_logp = forward_table(eng, plan, topo=topo) if off_policy else None
+        if ppo:
+            targets = _ppo_targets(cfg, batch, rewards, values=values, old_logp=old_logp, ref_logp=ref_logp, topo=topo)
+            plan = plan_step(cfg, batch, topo=topo, token_adv=targets.advantages)
+        if step >= a.critic_warmup_steps:
+            out = policy_update(eng, cfg, batch, plan, lr=lr, old_logp=old_logp, ref_logp=ref_logp)
+    if ppo:
+        with phase("critic_train"), job.critic.onloaded():
+            critic_lr = (a.critic_lr or cfg.train.lr) * lr / cfg.train.lr  # the policy's schedule
+            out.update(critic_update(job.critic, cfg, plan, targets=targets, lr=critic_lr),
+                       **{"critic/explained_var": targets.explained_variance})
     return out
+
+
+def _ppo_targets(cfg: Config, batch: RolloutBatch, rewards: list, *, values: dict, old_logp, ref_logp, topo):
+    """GAE targets of every response (the same on every rank); the KL reward term from the
+    trainer's and the reference's log-probs (gathered) when ``algorithm.kl_coef > 0``."""
+    a = cfg.algorithm
+    keys = [(g, i) for g in range(len(batch.prompt_ids)) for i in range(batch.group_size)]
+    kl = None
+    if a.kl_coef > 0:
+        kl = gather_table({k: old_logp[k] - ref_logp[k] for k in old_logp}, topo=topo)
+    return ppo_targets(keys, scores=torch.tensor(rewards, dtype=torch.float64), values=values, gamma=a.gamma,
+                       lam=a.lam, whiten_adv=a.whiten_advantages, kl=kl, kl_coef=a.kl_coef)
 
 
 @contextlib.contextmanager
@@ -185,23 +210,36 @@ def make_reference(cfg: Config, *, hf_config, topo):
                           dtype=DTYPES[cfg.model.dtype], vocab_divisible_by=cfg.model.make_vocab_size_divisible_by)
 
 
+def make_critic(cfg: Config, *, hf_config, topo):
+    """PPO's value model (offloaded until used), or None for the critic-free algorithms."""
+    if cfg.algorithm.name != "ppo":
+        return None
+    return Critic(hf_config, cfg=cfg, topo=topo, store_dir=os.path.join(cfg.logging.run_dir, "critic"),
+                  dtype=DTYPES[cfg.model.dtype])
+
+
+def _critic_state(critic) -> Optional[tuple]:
+    return None if critic is None else (critic.model, critic.optimizer)
+
+
 # ---------------------------------------------------------------------------------------------
 # Checkpoints (model + optimizer through megatron_rl.checkpoint; data position and step here).
 
 
-def save_state(cfg: Config, eng, *, step: int, data, rewards: list) -> None:
+def save_state(cfg: Config, eng, *, step: int, data, rewards: list, critic=None) -> None:
     try:
         from megatron_rl.checkpoint.rl import save_rl_checkpoint
     except ImportError as e:  # never drop a checkpoint silently: a broken install must stop the run
         raise ImportError(f"checkpoint.dir={cfg.checkpoint.dir!r} is set but megatron_rl.checkpoint.rl cannot be "
                           f"imported ({e}); fix: repair the install (pip install -e .), or set checkpoint.dir=null "
                           "to run without checkpoints") from e
-    save_rl_checkpoint(cfg.checkpoint.dir, step=step, model=eng.model, optimizer=eng.optimizer,
-                       extra={"data": data.state_dict(), "reward_history": rewards}, keep=cfg.checkpoint.keep,
-                       config=cfg)
+    with critic.onloaded() if critic is not None else contextlib.nullcontext():
+        save_rl_checkpoint(cfg.checkpoint.dir, step=step, model=eng.model, optimizer=eng.optimizer,
+                           extra={"data": data.state_dict(), "reward_history": rewards}, keep=cfg.checkpoint.keep,
+                           config=cfg, critic=_critic_state(critic))
 
 
-def resume_state(cfg: Config, eng, *, data) -> tuple[int, list]:
+def resume_state(cfg: Config, eng, *, data, critic=None) -> tuple[int, list]:
     """(first step to run, reward history) from the newest complete checkpoint, or (0, [])."""
     if not (cfg.checkpoint.dir and cfg.checkpoint.resume):
         return 0, []
@@ -210,7 +248,9 @@ def resume_state(cfg: Config, eng, *, data) -> tuple[int, list]:
     except ImportError as e:  # "no checkpoint" would silently restart from step 0
         raise ImportError(f"checkpoint.resume=true but megatron_rl.checkpoint.rl cannot be imported ({e}); fix: "
                           "repair the install (pip install -e .), or set checkpoint.resume=false to start fresh") from e
-    got = load_rl_checkpoint(cfg.checkpoint.dir, model=eng.model, optimizer=eng.optimizer)
+    with critic.onloaded() if critic is not None else contextlib.nullcontext():
+        got = load_rl_checkpoint(cfg.checkpoint.dir, model=eng.model, optimizer=eng.optimizer,
+                                 critic=_critic_state(critic))
     if got is None:
         return 0, []
     step, extra = got
@@ -246,6 +286,7 @@ class Job:
     rollout: object
     sync: object
     ref: object = None  # the frozen KL reference (algorithm.kl_coef > 0)
+    critic: object = None  # PPO's value model (algorithm.name=ppo)
 
 
 def sync_source_layout(chunks, shape, grid, vocab_divisible_by: int):
@@ -273,6 +314,7 @@ def setup(cfg: Config, *, hf_config) -> Job:
                       core_attention=SharedPrefixCoreAttention, vocab_divisible_by=divisible)
     enable_shared_prefix(eng.model)
     ref = make_reference(cfg, hf_config=hf_config, topo=topo)
+    critic = make_critic(cfg, hf_config=hf_config, topo=topo)
     rollout = start_rollout(cfg, topo=topo)
     shape = ModelShape.from_hf_config(hf_config)
     sync = WeightSync(eng.model, rollout, src_layout=sync_source_layout(eng.model, shape, topo.grid, divisible),
@@ -281,7 +323,7 @@ def setup(cfg: Config, *, hf_config) -> Job:
                       bucket_bytes=cfg.sync.bucket_bytes, staging_bytes=staging_bytes(cfg), verify=cfg.sync.verify,
                       transport=cfg.sync.transport)
     return Job(cfg=cfg, rank=rank, world=world, tokenizer=tok, data=data, reward_fn=get_reward(cfg.data.reward),
-               eng=eng, rollout=rollout, sync=sync, ref=ref)
+               eng=eng, rollout=rollout, sync=sync, ref=ref, critic=critic)
 
 
 def staging_bytes(cfg: Config) -> Optional[int]:
@@ -307,12 +349,14 @@ def end_step(cfg: Config, job: Job, log, rt, *, step: int, metrics: dict, histor
     if step % L.log_every == 0 or last:
         log.log(step, metrics)
     if L.phase_table and (step % L.table_every == 0 or last):
-        log.print(f"step {step}: reward {metrics['reward/mean']:.3f} loss {metrics['loss']:.4f} "
-                  f"|dlogp| {metrics['mismatch/abs_mean']:.2e}\n{phase_table(metrics)}")
+        critic = (f" value loss {metrics['critic/value_loss']:.4f} explained var {metrics['critic/explained_var']:.3f}"
+                  if "critic/value_loss" in metrics else "")
+        log.print(f"step {step}: reward {metrics['reward/mean']:.3f} loss {metrics.get('loss', float('nan')):.4f} "
+                  f"|dlogp| {metrics.get('mismatch/abs_mean', float('nan')):.2e}{critic}\n{phase_table(metrics)}")
     every = cfg.checkpoint.save_every
     if cfg.checkpoint.dir and (last or (every and (step + 1) % every == 0)):
         with rt.phase("checkpoint"):
-            save_state(cfg, job.eng, step=step, data=job.data, rewards=history)
+            save_state(cfg, job.eng, step=step, data=job.data, rewards=history, critic=job.critic)
 
 
 def train(cfg: Config, *, hf_config, rt=None) -> dict:
@@ -326,7 +370,7 @@ def train(cfg: Config, *, hf_config, rt=None) -> dict:
     with rt.phase("setup", timeout_s=2 * cfg.parallel.timeout_s):
         job = setup(cfg, hf_config=hf_config)
         rollout, sync, eng, a, t, L = job.rollout, job.sync, job.eng, cfg.algorithm, cfg.train, cfg.logging
-        start, history = resume_state(cfg, eng, data=job.data)
+        start, history = resume_state(cfg, eng, data=job.data, critic=job.critic)
     log_restart(cfg, rank=job.rank, start=start)
     with rt.phase("sync"):
         sync.sync()  # vLLM starts from exactly the trainer's weights (fresh or resumed)
@@ -334,21 +378,16 @@ def train(cfg: Config, *, hf_config, rt=None) -> dict:
                         tensorboard=L.tensorboard, progress=L.progress)
     timer = _Phases(PhaseTimer(device=torch.device("cuda", torch.cuda.current_device())
                                if torch.cuda.is_available() else None), rt)
+    explained = []  # PPO: the critic's explained variance per step
     for step in range(start, t.steps):
         rt.step = step  # kept in this rank's records: a restart names the step a rank died in
-        rows = job.data.next_batch(cfg.data.prompts_per_step)
-        with timer.phase("rollout"):
-            ids = [encode_prompt(job.tokenizer, r["prompt"], chat_template=cfg.data.chat_template) for r in rows]
-            batch = generate(rollout, cfg, prompt_ids=ids, step=step)
-            rewards = score(job, rows, batch)
-        adv = group_advantages(torch.tensor(rewards), group_size=a.group_size, estimator=a.name,
-                               normalize_std=a.normalize_adv_std, eps=a.adv_eps)
+        with timer.phase("rollout"):  # policy on vLLM; critic and reference offloaded
+            batch, rewards, sampled = rollout_step(job, step=step)
         with timer.phase("release"):
             rollout.release(("kv_cache", "weights"))
-        with timer.phase("train"):
-            lr = lr_at(step, lr=t.lr, min_lr=t.min_lr, total_steps=t.steps, warmup_steps=t.lr_warmup_steps,
-                       schedule=t.lr_schedule)
-            out = train_step(eng, cfg, batch, adv, lr=lr, ref=job.ref, phase=timer.phase)
+        lr = lr_at(step, lr=t.lr, min_lr=t.min_lr, total_steps=t.steps, warmup_steps=t.lr_warmup_steps,
+                   schedule=t.lr_schedule)
+        out = update(job, batch, rewards, step=step, lr=lr, phase=timer.phase)
         with timer.phase("resume"):
             return_cached_blocks()  # training's cached blocks go back before vLLM wakes
             rollout.resume(("weights",))
@@ -356,14 +395,19 @@ def train(cfg: Config, *, hf_config, rt=None) -> dict:
             sync.sync()  # ends with the engine's end_weight_update(): repack, reset the prefix cache
         with timer.phase("resume"):
             rollout.resume(("kv_cache",))
-        metrics = {**reward_stats(rewards, group_size=a.group_size),
+        metrics = {**reward_stats(rewards, group_size=a.group_size), **sampled,
                    **length_stats(batch.flat_lengths(), max_new_tokens=cfg.rollout.max_new_tokens),
                    **out, **timer.step_metrics(), **resource_metrics()}
         history.append(metrics["reward/mean"])
+        if "critic/explained_var" in metrics:
+            explained.append(metrics["critic/explained_var"])
         end_step(cfg, job, log, rt, step=step, metrics=metrics, history=history)
     first, last, gain = reward_gain(history) if history else (0.0, 0.0, 0.0)
     log.print(f"mean reward per step:\n{ascii_curve(history)}\n"
               f"reward first 20%: {first:.4f}  last 20%: {last:.4f}  gain: {gain:+.4f}")
+    if explained:
+        ev_first, ev_last, ev_gain = reward_gain(explained)
+        log.print(f"critic explained variance first 20%: {ev_first:.4f}  last 20%: {ev_last:.4f}  rise: {ev_gain:+.4f}")
     log.close()
     if job.rank == 0 and L.jsonl:  # the PNG next to metrics.jsonl (one line instead without matplotlib)
         log.print(end_of_run_plot(L.run_dir))
@@ -408,13 +452,18 @@ class _NoRuntime:
 def check_supported(cfg: Config) -> None:
     """Checks this loop adds to the config's own: fail before any work (one line naming the field)."""
     a = cfg.algorithm
-    if a.kl_coef > 0 and a.ref_hf_path and os.path.abspath(a.ref_hf_path) != os.path.abspath(cfg.model.hf_path):
+    others = [("algorithm.ref_hf_path", a.ref_hf_path if a.kl_coef > 0 else None),
+              ("algorithm.critic_hf_path", a.critic_hf_path)]
+    for key, path in others:  # the reference and the critic run at the policy's layout: same shape
+        if not path or os.path.abspath(path) == os.path.abspath(cfg.model.hf_path):
+            continue
         want = vars(ModelShape.from_hf_config(AutoConfig.from_pretrained(cfg.model.hf_path)))
-        got = vars(ModelShape.from_hf_config(AutoConfig.from_pretrained(a.ref_hf_path)))
-        diff = ", ".join(f"{k} {got[k]} != {want[k]}" for k in want if got[k] != want[k])
+        got = vars(ModelShape.from_hf_config(AutoConfig.from_pretrained(path)))
+        diff = ", ".join(f"{k} {got[k]} != {want[k]}" for k in want if got[k] != want[k]
+                         and not (k == "tied" and key == "algorithm.critic_hf_path"))  # no lm_head in a critic
         if diff:
-            raise ConfigError(f"config error: algorithm.ref_hf_path: {a.ref_hf_path!r} has another shape than the "
-                              f"policy's model.hf_path ({diff}); fix: use a reference with the policy's architecture")
+            raise ConfigError(f"config error: {key}: {path!r} has another shape than the policy's "
+                              f"model.hf_path ({diff}); fix: use a model with the policy's architecture")
 
 
 def main(argv: Optional[list] = None) -> int:

@@ -96,6 +96,29 @@ def test_cuda_offload_frees_device_memory_and_onload_is_bitwise():
         assert torch.equal(m[2](m[1](m[0](x)).to(torch.bfloat16)), want)
 
 
+@pytest.mark.gpu
+def test_cuda_store_is_refilled_in_place_when_the_weights_change():
+    """The critic's offloads: the same pinned buffers take the new bytes; a changed tensor set
+    gets a new store."""
+    m = _model("cuda")
+    params = list(m.parameters())
+    store = make_store(params, path="unused")
+    ptrs = [h.data_ptr() for h in store.host]
+    store.offload()
+    store.onload()
+    with torch.no_grad():
+        for p in params:
+            p.add_(1.0)  # an optimizer step
+    want = [p.detach().cpu().clone() for p in params]
+    again = make_store(params, path="unused", reuse=store)
+    assert again is store and [h.data_ptr() for h in store.host] == ptrs  # no new pinned memory
+    store.offload()
+    store.onload()
+    assert all(torch.equal(p.cpu(), w) for p, w in zip(params, want))  # the new bytes, not the first copy
+    extra = params + [torch.zeros(3, device="cuda")]  # Adam's state appeared: another set
+    assert make_store(extra, path="unused", reuse=store) is not store
+
+
 def test_reference_config_errors_name_the_field(tmp_path):
     """kl_coef > 0 now runs; a bad reference path or architecture fails before any work, naming
     algorithm.ref_hf_path."""

@@ -99,6 +99,9 @@ class GRPOLoss:
         self.old_logp, self.ref_logp = old_logp, ref_logp
         self._sums = torch.zeros(len(STAT_KEYS), dtype=torch.float64)
         self.mismatch_max = 0.0
+        # per-token (trainer - rollout) log-prob differences, kept while record_ratios is set
+        # (the trainer sets it for the first pass over the rollout only: every token once)
+        self.record_ratios, self.ratio_diffs = True, []
 
     def _gather(self, table: dict, keys: list, like: torch.Tensor) -> torch.Tensor:
         return torch.cat([table[k] for k in keys]).to(device=like.device, dtype=like.dtype)  # (N_local,)
@@ -136,6 +139,8 @@ class GRPOLoss:
         self._sums += torch.tensor([num.item(), den, *part_sums, d.abs().sum().item(), (-d).sum().item(),
                                     k3.sum().item(), m.sum().item()], dtype=torch.float64)
         self.mismatch_max = max(self.mismatch_max, d.abs().max().item())
+        if self.record_ratios:
+            self.ratio_diffs.append(d[mask.bool()].cpu())  # (tokens,) float64
 
     def sums(self) -> torch.Tensor:
         """The statistic sums so far, ``(len(STAT_KEYS),)`` float64, keyed by :data:`STAT_KEYS`."""

@@ -78,6 +78,12 @@ def response_logprobs(logits: torch.Tensor, local: LocalBatch, *, vocab_size: in
     return vocab_parallel_logprobs(rows, local.targets.to(logits.device), vocab_size=vocab_size, tp_rank=tp_rank)
 
 
+def response_values(output: torch.Tensor, local: LocalBatch) -> torch.Tensor:
+    """The critic's value of every local response token, (N_local,) fp32, from its output (1, T, 1):
+    read at ``logit_index``, the position whose logits predict the token (its state)."""
+    return output[0, :, 0].index_select(0, local.logit_index.to(output.device)).float()
+
+
 def padded(per_token: torch.Tensor, local: LocalBatch, *, fill: float = 0.0) -> tuple:
     """(B_local, T_max) right-padded view of an (N_local,) tensor, and its (B_local, T_max) mask."""
     parts = local.split_responses(per_token)
@@ -101,8 +107,11 @@ def pg_loss(logp: torch.Tensor, local: LocalBatch) -> tuple:
 LossFn = Callable[[torch.Tensor, LocalBatch], tuple]
 
 
-def make_forward_fn(loss: LossFn = pg_loss) -> Callable:
+def make_forward_fn(loss: LossFn = pg_loss, *, values: bool = False) -> Callable:
     """``forward_fn(model, batch) -> (output, loss_fn)`` over a :func:`make_batches` micro-batch.
+
+    ``values=True`` runs a critic (``build_gpt(value_head=True)``): the loss and the metrics
+    see its per-token values (:func:`response_values`) where a policy's log-probs would be.
 
     ``loss(logp (N_local,), local) -> (loss_sum, normaliser, metrics)``; the metrics also get
     ``logp`` (detached), ``keys`` (the (group, response) of each local response) and ``sizes``
@@ -120,7 +129,8 @@ def make_forward_fn(loss: LossFn = pg_loss) -> Callable:
                        packed_seq_params=params)
 
         def loss_fn(logits):
-            logp = response_logprobs(logits, local, vocab_size=gpt.unpadded_vocab_size, tp_rank=group_rank(groups.tp))
+            logp = (response_values(logits, local) if values else
+                    response_logprobs(logits, local, vocab_size=gpt.unpadded_vocab_size, tp_rank=group_rank(groups.tp)))
             loss_sum, n, metrics = loss(logp, local)
             sizes = (local.response_cu[1:] - local.response_cu[:-1]).tolist()
             metrics = dict(metrics, logp=logp.detach(), keys=list(local.response_keys), sizes=sizes)

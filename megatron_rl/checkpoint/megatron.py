@@ -189,10 +189,12 @@ def fill_local(params: dict[str, torch.Tensor], local: dict[str, LocalTensor], c
 
 
 def load_hf_into(chunks: list, hf_path: str, *, topo: Optional[Topology] = None, hf_config=None,
-                 vocab_divisible_by: int = 128) -> int:
+                 vocab_divisible_by: int = 128, skip: tuple = ()) -> int:
     """Copy HF weights into ``chunks`` (one GPTModel chunk), reading only this rank's slices.
 
     The shard comes from ``topo`` (or, without one, from the model's own process groups).
+    ``skip``: name prefixes left as built on both sides (the critic's ``("output_layer.",)``: its
+    value head has no HF counterpart).
     Returns the number of parameters filled; raises when the model and the layout disagree.
     """
     if len(chunks) != 1:
@@ -204,6 +206,9 @@ def load_hf_into(chunks: list, hf_path: str, *, topo: Optional[Topology] = None,
     c = topo.shard if topo is not None else model_shard(model)
     local = megatron_rank_tensors(shape, tp=c.tp, pp=c.pp, tp_rank=c.tp_rank, pp_rank=c.pp_rank,
                                   vocab_divisible_by=vocab_divisible_by, te_names=uses_te_names(params))
+    if skip:
+        local = {k: v for k, v in local.items() if not k.startswith(skip)}
+        params = {k: v for k, v in params.items() if not k.startswith(skip)}
     try:
         check_names(local, params, rank=dist.get_rank())
     except RuntimeError as e:

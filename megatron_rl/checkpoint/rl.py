@@ -170,12 +170,13 @@ def _prune(root: str, *, keep: int, current: str) -> None:
 
 
 def save_rl_checkpoint(root: str, *, step: int, model, optimizer, extra: Optional[dict] = None, keep: int = 2,
-                       config=None) -> str:
+                       config=None, critic: Optional[tuple] = None) -> str:
     """Save the full RL state as ``<root>/step_<step>`` (collective; atomic). Returns its path.
 
     ``model``: the megatron chunks (DDP-wrapped or not); ``optimizer``: the megatron optimizer
     (or None); ``extra``: picklable caller state (data position, reward history, ...);
-    ``config``: the run's config dataclass, saved as ``config.json``.
+    ``config``: the run's config dataclass, saved as ``config.json``; ``critic``: PPO's value
+    model as ``(chunks, optimizer)``, saved beside the policy in ``critic/`` (resident while saving).
     """
     rank, world = dist.get_rank(), dist.get_world_size()
     root = os.path.abspath(root)
@@ -190,6 +191,12 @@ def save_rl_checkpoint(root: str, *, step: int, model, optimizer, extra: Optiona
     from megatron.core import dist_checkpointing  # lazy: keeps vLLM/megatron out of CLI start-up
 
     dist_checkpointing.save(_sharded_state(_chunks(model), optimizer, is_loading=False), os.path.join(tmp, "dist"))
+    if critic is not None:
+        if rank == 0:
+            os.makedirs(os.path.join(tmp, "critic"))
+        coll.barrier()
+        dist_checkpointing.save(_sharded_state(_chunks(critic[0]), critic[1], is_loading=False),
+                                os.path.join(tmp, "critic"))
     faults.fire("checkpoint:after_shards", step=step, rank=rank)
     ok = True
     try:
@@ -215,10 +222,10 @@ def save_rl_checkpoint(root: str, *, step: int, model, optimizer, extra: Optiona
 # Load.
 
 
-def _load_model_and_optimizer(path: str, chunks: list, optimizer) -> None:
+def _load_model_and_optimizer(path: str, chunks: list, optimizer, *, sub: str = "dist") -> None:
     from megatron.core import dist_checkpointing  # lazy: keeps vLLM/megatron out of CLI start-up
 
-    loaded = dist_checkpointing.load(_sharded_state(chunks, optimizer, is_loading=True), os.path.join(path, "dist"))
+    loaded = dist_checkpointing.load(_sharded_state(chunks, optimizer, is_loading=True), os.path.join(path, sub))
     keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
     for key, chunk in zip(keys, chunks):
         missing, unexpected = mio.unwrap(chunk).load_state_dict(loaded[key], strict=False)
@@ -232,9 +239,10 @@ def _load_model_and_optimizer(path: str, chunks: list, optimizer) -> None:
 
 
 def load_rl_checkpoint(root: str, *, model, optimizer, path: Optional[str] = None,
-                       restore_rng: bool = True) -> Optional[tuple[int, dict]]:
+                       restore_rng: bool = True, critic: Optional[tuple] = None) -> Optional[tuple[int, dict]]:
     """Load the newest complete checkpoint under ``root`` (or ``path``) into ``model``/``optimizer``
-    and this rank's RNG states (collective). Returns ``(step, extra)``, or None if there is none."""
+    (and ``critic``'s ``(chunks, optimizer)``) and this rank's RNG states (collective). Returns
+    ``(step, extra)``, or None if there is none."""
     rank, world = dist.get_rank(), dist.get_world_size()
     box = [path if path is not None else (latest_checkpoint(root) if rank == 0 else None)]
     box[0] = coll.broadcast_object(box[0], src=0)  # every rank resumes the same checkpoint
@@ -246,6 +254,11 @@ def load_rl_checkpoint(root: str, *, model, optimizer, path: Optional[str] = Non
                               "fix: resume from an older step_<k> directory")
     meta = read_complete(path)
     _load_model_and_optimizer(path, _chunks(model), optimizer)
+    if critic is not None:
+        if not os.path.isdir(os.path.join(path, "critic")):
+            raise CheckpointError(f"{path}: holds no critic (saved by a run without one); fix: resume with the "
+                                  "algorithm it was saved with, or start fresh (checkpoint.resume=false)")
+        _load_model_and_optimizer(path, _chunks(critic[0]), critic[1], sub="critic")
     rng_file = os.path.join(path, "rng", f"rank{rank}.pt")
     if restore_rng:
         if meta.get("world_size") == world and os.path.isfile(rng_file):

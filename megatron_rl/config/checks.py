@@ -131,6 +131,10 @@ def check_files(cfg) -> None:
     if cfg.algorithm.kl_coef > 0 and ref and not os.path.isfile(os.path.join(ref, "config.json")):
         _fail("algorithm.ref_hf_path", f"{ref!r} holds no config.json",
               "point it at a HF model directory with the policy's architecture, or unset it to use model.hf_path")
+    critic = cfg.algorithm.critic_hf_path
+    if critic and not os.path.isfile(os.path.join(critic, "config.json")):
+        _fail("algorithm.critic_hf_path", f"{critic!r} holds no config.json",
+              "point it at a HF model directory with the policy's architecture, or unset it to use model.hf_path")
     ds = cfg.data.dataset
     if not ds.startswith("synthetic:"):
         if not os.path.isfile(ds):

@@ -106,9 +106,9 @@ class RolloutConfig:
 
 @dataclass
 class AlgorithmConfig:
-    """Critic-free policy optimisation (GRPO family) with the PPO clipped loss."""
+    """Policy optimisation: critic-free (GRPO family) or PPO with a value model, all with the PPO clipped loss."""
 
-    name: str = "grpo"  # grpo (group-mean baseline) | rloo (leave-one-out baseline)
+    name: str = "grpo"  # grpo (group-mean baseline) | rloo (leave-one-out baseline) | ppo (critic + GAE)
     group_size: int = 8  # G responses per prompt
     normalize_adv_std: bool = True  # False gives Dr.GRPO
     adv_eps: float = 1e-6
@@ -119,15 +119,30 @@ class AlgorithmConfig:
     ref_hf_path: Optional[str] = None  # the KL reference's HF weights; None = model.hf_path (never a checkpoint)
     loss_agg: str = "token-mean"  # token-mean | seq-mean-token-sum | seq-mean-token-mean
     tis_cap: Optional[float] = 2.0  # truncated importance sampling for rollout/train mismatch; None disables
-    mini_batches: int = 1  # optimizer steps per rollout batch; > 1 makes the PPO clip bite
+    mini_batches: int = 1  # optimizer steps per rollout batch and epoch; > 1 makes the PPO clip bite
+    ppo_epochs: int = 1  # passes over one rollout batch (each pass: every mini-batch once)
+    # PPO only (algorithm.name=ppo): the critic and GAE. With ppo, kl_coef > 0 puts the KL in the per-token
+    # rewards (InstructGPT-style) instead of the loss.
+    gamma: float = 1.0  # GAE discount
+    lam: float = 0.95  # GAE lambda
+    value_clip: Optional[float] = 0.2  # clipped value loss range around the old values; None: unclipped
+    whiten_advantages: bool = True  # whiten the GAE advantages over all tokens of the step
+    critic_lr: Optional[float] = None  # the critic's learning rate; None = train.lr (same schedule)
+    critic_hf_path: Optional[str] = None  # the critic's initial HF weights; None = model.hf_path
+    critic_warmup_steps: int = 0  # first steps train the critic only (the policy is not updated)
+    # the critic's passes over one rollout (each: every mini-batch once). A critic starts from the policy's
+    # features, which need not encode the value: one pass per rollout leaves its explained variance near 0.
+    critic_epochs: int = 4
+    # DAPO dynamic sampling: drop groups whose rewards all agree and sample more rollout batches until
+    # data.prompts_per_step groups are kept, at most max_gen_batches per step (then topped up with dropped groups).
+    dynamic_sampling: bool = False
+    max_gen_batches: int = 4
 
     def __post_init__(self):
-        if self.name == "ppo":
-            _fail("algorithm.name", "PPO with a value model (critic) is not implemented",
-                  "use grpo or rloo; both use the PPO clipped loss")
-        if self.name not in ("grpo", "rloo"):
-            _fail("algorithm.name", f"unknown algorithm {self.name!r}", "use grpo or rloo")
-        if self.group_size < 2:
+        if self.name not in ("grpo", "rloo", "ppo"):
+            _fail("algorithm.name", f"unknown algorithm {self.name!r}", "use grpo, rloo or ppo")
+        self._check_ppo()
+        if self.group_size < 1 or (self.group_size < 2 and self.name != "ppo"):
             _fail("algorithm.group_size", f"{self.name.upper()} needs >= 2 samples per prompt, got {self.group_size}",
                   "set algorithm.group_size >= 2")
         if self.loss_agg not in ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean"):
@@ -145,7 +160,25 @@ class AlgorithmConfig:
             _fail("algorithm.tis_cap", f"must be >= 1 or null, got {self.tis_cap}", "use e.g. 2.0, or null to disable")
         if self.adv_eps <= 0:
             _fail("algorithm.adv_eps", f"must be > 0, got {self.adv_eps}", "use e.g. 1e-6")
-        _positive("algorithm", mini_batches=self.mini_batches)
+        _positive("algorithm", mini_batches=self.mini_batches, ppo_epochs=self.ppo_epochs,
+                  max_gen_batches=self.max_gen_batches, critic_epochs=self.critic_epochs)
+
+    def _check_ppo(self) -> None:
+        if self.name != "ppo":
+            for key, value in (("critic_hf_path", self.critic_hf_path), ("critic_lr", self.critic_lr),
+                               ("critic_warmup_steps", self.critic_warmup_steps or None)):
+                if value is not None:
+                    _fail(f"algorithm.{key}", f"is only used with algorithm.name=ppo (got name={self.name})",
+                          f"set algorithm.name=ppo or remove algorithm.{key}")
+        for key in ("gamma", "lam"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                _fail(f"algorithm.{key}", f"must be in [0, 1], got {getattr(self, key)}", "use e.g. 1.0 / 0.95")
+        if self.value_clip is not None and self.value_clip <= 0:
+            _fail("algorithm.value_clip", f"must be > 0 or null, got {self.value_clip}", "use e.g. 0.2")
+        if self.critic_lr is not None and self.critic_lr <= 0:
+            _fail("algorithm.critic_lr", f"must be > 0 or null, got {self.critic_lr}", "use e.g. 1e-5")
+        if self.critic_warmup_steps < 0:
+            _fail("algorithm.critic_warmup_steps", "must be >= 0", "use 0 for no critic-only steps")
 
 
 @dataclass
@@ -295,6 +328,14 @@ class Config:
                   f"{d.max_prompt_len} + {r.max_new_tokens}", "raise rollout.max_model_len or shorten prompts/responses")
         if self.parallel.world_size is not None:
             self.check_world(self.parallel.world_size)
+        a = self.algorithm
+        if a.name == "ppo" and self.parallel.distributed_optimizer:
+            # the critic's offload re-points parameters; under the distributed optimizer they are views of DDP's buffer
+            _fail("parallel.distributed_optimizer", "is not supported with algorithm.name=ppo (the critic's offload)",
+                  "set parallel.distributed_optimizer=false")
+        if a.critic_warmup_steps >= self.train.steps:
+            _fail("algorithm.critic_warmup_steps", f"{a.critic_warmup_steps} >= train.steps={self.train.steps}: the "
+                  "policy would never train", "use fewer critic-only steps than train.steps")
 
     @property
     def rollout_dtype(self) -> str:

@@ -249,14 +249,19 @@ def _stage(topo) -> tuple[bool, bool, object]:
 
 
 def build_gpt(hf_config, *, parallel, topo=None, dtype=torch.float32, vocab_divisible_by: int = 128,
-              core_attention=None, backend: Optional[str] = None, recompute: str = "none") -> list:
+              core_attention=None, backend: Optional[str] = None, recompute: str = "none",
+              value_head: bool = False) -> list:
     """This rank's GPTModel chunk(s) (one chunk: no virtual pipeline) on ``topo``'s groups.
 
     ``topo`` (the :class:`~megatron_rl.parallel.Topology` from ``init_distributed``) gives the
     pipeline stage and the ``pg_collection`` every layer (and ``core_attention``) receives.
     Without it megatron-core picks its default groups and the stage is asked of them (for
     callers not yet passing a topology).
-    The rotary embedding's ``inv_freq`` is HF's (:func:`rope_inv_freq`) for every scaled rope type."""
+    The rotary embedding's ``inv_freq`` is HF's (:func:`rope_inv_freq`) for every scaled rope type.
+
+    ``value_head=True`` builds PPO's critic: untied embeddings, and on the last stage a scalar
+    :class:`~megatron_rl.models.value_head.ValueHead` instead of the vocabulary projection
+    (the model returns ``(B, S, 1)`` values)."""
     from megatron.core.models.gpt import GPTModel  # lazy: keeps vLLM/megatron out of CLI start-up
 
     shape = ModelShape.from_hf_config(hf_config)
@@ -268,9 +273,13 @@ def build_gpt(hf_config, *, parallel, topo=None, dtype=torch.float32, vocab_divi
         vocab_size=padded_vocab(shape.vocab, divisible_by=vocab_divisible_by, tp=parallel.tp),
         max_sequence_length=int(getattr(hf_config, "max_position_embeddings", 4096)),
         pre_process=first, post_process=last, pg_collection=pgc,
-        parallel_output=True, share_embeddings_and_output_weights=shape.tied,
+        parallel_output=True, share_embeddings_and_output_weights=shape.tied and not value_head,
         position_embedding_type="rope", rotary_percent=1.0, rotary_base=rope_base(hf_config))
     if rope_spec(hf_config)["rope_type"] != "default":
         _install_rope(model, hf_config)
     model.unpadded_vocab_size = shape.vocab  # log-probs mask the padded vocab entries
+    if value_head and last:
+        from megatron_rl.models.value_head import install_value_head  # lazy: keeps megatron out of CLI start-up
+
+        install_value_head(model, tp_group=model.pg_collection.tp)
     return [model.to(dtype)]

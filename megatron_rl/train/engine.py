@@ -32,7 +32,8 @@ class TrainEngine:
     """Model chunks (megatron DDP), optimizer and one ``step()`` over micro-batches."""
 
     def __init__(self, hf_config, *, parallel, train, topo, dtype=torch.float32, hf_path: Optional[str] = None,
-                 forward_fn: ForwardFn = lm_forward, core_attention=None, vocab_divisible_by: int = 128):
+                 forward_fn: ForwardFn = lm_forward, core_attention=None, vocab_divisible_by: int = 128,
+                 value_head: bool = False):
         # lazy: keeps vLLM/megatron out of CLI start-up
         from megatron.core.distributed import (DistributedDataParallel, DistributedDataParallelConfig,
                                                finalize_model_grads)
@@ -41,9 +42,10 @@ class TrainEngine:
 
         self.hf_config, self.parallel, self.forward_fn, self.topo = hf_config, parallel, forward_fn, topo
         chunks = build_gpt(hf_config, parallel=parallel, topo=topo, dtype=dtype, vocab_divisible_by=vocab_divisible_by,
-                           core_attention=core_attention, recompute=train.recompute)
-        if hf_path is not None:
-            load_hf_into(chunks, hf_path, topo=topo, hf_config=hf_config, vocab_divisible_by=vocab_divisible_by)
+                           core_attention=core_attention, recompute=train.recompute, value_head=value_head)
+        if hf_path is not None:  # a critic's value head (value_head=True) has no HF counterpart: it stays zero
+            load_hf_into(chunks, hf_path, topo=topo, hf_config=hf_config, vocab_divisible_by=vocab_divisible_by,
+                         skip=("output_layer.",) if value_head else ())
         self.tf_config = tf = chunks[0].config
         tf.calculate_per_token_loss = True  # loss_fn returns sums; finalize_model_grads divides
         ddp_config = DistributedDataParallelConfig(

@@ -113,13 +113,32 @@ class FileMappedStore:
 
 
 class PinnedHostStore:
-    """CUDA: a pinned host copy taken once; offload frees device storage, onload copies back."""
+    """CUDA: a pinned host copy; offload frees device storage, onload copies back.
+
+    The host buffers are allocated once. A model whose weights change (the critic) calls
+    :meth:`capture` before each offload: the current device bytes are copied into the same
+    pinned buffers, so no pinned memory is allocated after the first offload (pinning is slow
+    and fragments the host allocator)."""
 
     def __init__(self, params: list):
         self.params = params
-        self.host = [p.detach().to("cpu", copy=True).pin_memory() for p in params]
+        self.host = [torch.empty(p.shape, dtype=p.dtype, pin_memory=True) for p in params]
         self.device = params[0].device if params else torch.device("cuda")
         self.nbytes = sum(p.numel() * p.element_size() for p in params)
+        self.capture(params)
+
+    def fits(self, params: list) -> bool:
+        """Whether ``params`` match the host buffers one to one in shape and dtype."""
+        return len(params) == len(self.host) and all(
+            p.shape == h.shape and p.dtype == h.dtype for p, h in zip(params, self.host))
+
+    def capture(self, params: list) -> None:
+        """Copy ``params``' current bytes into the host buffers (blocking); they become resident."""
+        if not self.fits(params):
+            raise ValueError("PinnedHostStore.capture: the tensors do not match the host buffers; fix: make_store()")
+        self.params = params
+        for p, h in zip(params, self.host):
+            h.copy_(p.detach())
         self.resident = True
 
     def onload(self) -> None:
@@ -135,9 +154,17 @@ class PinnedHostStore:
         self.resident = False
 
 
-def make_store(params: list, *, path: str):
-    """The device's offload store for ``params`` (all on one device); ``path`` is used on CPU."""
+def make_store(params: list, *, path: str, reuse=None):
+    """The device's offload store for ``params`` (all on one device); ``path`` is used on CPU.
+
+    ``reuse``: the store of a previous offload of the same model. On CUDA it is refilled in place
+    when the tensors still match (:meth:`PinnedHostStore.capture`); on CPU a fresh file is written
+    and swapped in atomically (the old private map stays valid until its last view goes).
+    """
     if params and params[0].device.type == "cuda":
+        if isinstance(reuse, PinnedHostStore) and reuse.fits(params):
+            reuse.capture(params)
+            return reuse
         return PinnedHostStore(params)
     return FileMappedStore(params, path=path)
 

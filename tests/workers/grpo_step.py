@@ -17,6 +17,12 @@ reference's log-probs against the policy's at step 0, the reference's parameter 
 around an offload and an onload, and whether log-probs after offload + onload are bitwise the
 same. Rank 0 writes every step's metrics per layout; the test compares layouts that must agree.
 
+PPO variants (``ppo``, ``ppo_naive``: ``algorithm.name=ppo`` with a critic, ``PPO_EPOCHS`` passes
+over the rollout, the critic as many) run the trainer's own choreography (``trainer.update``: critic, train,
+critic_train) and report, besides the steps and phase names: the policy's log-probs of the batch
+packed with ``train.micro_batch_groups`` 1 and 4 (max |difference|), and the critic's RSS around
+an offload and an onload against the bytes it holds (parameters, Adam state, gradient buffers).
+
     torchrun --nproc-per-node 4 tests/workers/grpo_step.py MODEL_PATH 2,2,1 1,1,1 2,1,2 1,2,2 2,2,1,kl 1,1,1,notis
 """
 import os
@@ -39,6 +45,8 @@ KL_COEF = 0.1
 ROLLOUT_DTYPE = "bfloat16"  # vLLM; the trainer stays fp32
 TIS_CAP = 1.002  # bf16 vs fp32 here: |dlogp| mean ~2.3e-3, max ~8e-3, so the cap bites on some tokens
 MAX_NEW = 8
+PPO = ["algorithm.name=ppo", "algorithm.critic_lr=1e-3", "algorithm.ppo_epochs=2", "algorithm.critic_epochs=2",
+       "algorithm.lam=0.9"]
 
 
 def _rollout_cfg(path: str):
@@ -122,7 +130,8 @@ def run_layout(path: str, hf, spec: str, batch, adv) -> dict:
     start = time.perf_counter()
     tp, pp, mini, *variant = spec.split(",")
     extra = {"naive": ["train.shared_prefix=false"], "kl": [f"algorithm.kl_coef={KL_COEF}"],
-             "notis": ["algorithm.tis_cap=null"]}.get(variant[0] if variant else "", [])
+             "notis": ["algorithm.tis_cap=null"], "ppo": PPO,
+             "ppo_naive": [*PPO, "train.shared_prefix=false"]}.get(variant[0] if variant else "", [])
     cfg = load_config(overrides=[f"parallel.tp={tp}", f"parallel.pp={pp}", "parallel.backend=gloo",
                                  f"model.hf_path={path}", f"algorithm.group_size={G}", f"data.prompts_per_step={N}",
                                  f"algorithm.mini_batches={mini}", "train.micro_batch_groups=1", "train.lr=1e-3",
@@ -135,6 +144,10 @@ def run_layout(path: str, hf, spec: str, batch, adv) -> dict:
                       core_attention=SharedPrefixCoreAttention)
     enable_shared_prefix(eng.model)
     ref = trainer.make_reference(cfg, hf_config=hf, topo=topo)
+    if cfg.algorithm.name == "ppo":
+        out = run_ppo(cfg, hf, eng=eng, topo=topo, ref=ref, batch=batch)
+        destroy_distributed(keep_process_group=True)
+        return {**out, "seconds": time.perf_counter() - start}
     mine = own_logprobs(eng, batch, adv)  # fp32, initial weights: the trainer's side of the mismatch
     expected = expected_tis(mine, batch.logprobs, TIS_CAP)
     checks = reference_checks(ref, mine, batch, adv) if ref is not None else None
@@ -144,6 +157,47 @@ def run_layout(path: str, hf, spec: str, batch, adv) -> dict:
     destroy_distributed(keep_process_group=True)
     return {"steps": steps, "checks": checks, "phases": phases, "expected_tis": expected,
             "seconds": time.perf_counter() - start}
+
+
+def micro_batching_diff(cfg, eng, batch, *, topo) -> float:
+    """Max |log p| difference between packing with train.micro_batch_groups 1 and 4 (same weights)."""
+    import dataclasses
+
+    from megatron_rl.train.rl_step import forward_table, gather_table, plan_step
+
+    tables = []
+    for mbg in (1, 4):
+        c = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, micro_batch_groups=mbg))
+        plan = plan_step(c, batch, topo=topo)
+        tables.append((gather_table(forward_table(eng, plan, topo=topo), topo=topo), [len(b) for b in plan.mb_batches]))
+    (a, na), (b, nb) = tables
+    assert set(a) == set(b) and na != nb, (na, nb)  # really different micro-batchings
+    return max(float((a[k] - b[k]).abs().max()) for k in a if a[k].numel())
+
+
+def run_ppo(cfg, hf, *, eng, topo, ref, batch) -> dict:
+    import types
+
+    from megatron_rl import trainer
+    from megatron_rl.rollout.cpu_memory import rss_bytes
+
+    g = torch.Generator().manual_seed(1)
+    rewards = torch.rand(N * G, generator=g).tolist()
+    mb_diff = micro_batching_diff(cfg, eng, batch, topo=topo) if topo.grid.dp == 1 else None  # DP1: 4 groups
+    critic = trainer.make_critic(cfg, hf_config=hf, topo=topo)
+    job = types.SimpleNamespace(cfg=cfg, eng=eng, ref=ref, critic=critic)
+    phases = []
+    steps = [trainer.update(job, batch, rewards, step=s, lr=1e-3, phase=lambda name: _record(phases, name))
+             for s in range(2)]
+    critic.onload()
+    rss_on, held = rss_bytes(), critic.state_bytes()
+    critic.offload()
+    rss_off = rss_bytes()
+    critic.onload()
+    rss_back = rss_bytes()
+    critic.offload()
+    return {"steps": steps, "phases": phases, "microbatch_logp_max_diff": mb_diff,
+            "critic": {"state_bytes": held, "rss_drop": rss_on - rss_off, "rss_rise": rss_back - rss_off}}
 
 
 def _record(log: list, name: str):
