@@ -117,11 +117,10 @@ def test_reduce_loss_hands_the_group_device(fake_nccl):
 
 
 def test_trainer_sums_hand_the_group_device(fake_nccl):
-    from megatron_rl import trainer
+    from megatron_rl.train import rl_step
 
-    loss = types.SimpleNamespace(sums=lambda: torch.zeros(4, dtype=torch.float64), mismatch_max=0.5)
     with pytest.raises(fake_nccl.Reached):
-        trainer._global_sums(loss, topo=_one_rank_topology())
+        rl_step.global_sums(torch.zeros(4, dtype=torch.float64), topo=_one_rank_topology(), maximum=0.5)
     assert fake_nccl.seen == [("all_reduce", "meta")]
 
 

@@ -25,6 +25,7 @@ FIXTURES = os.path.join(REPO, "tests", "fixtures", "models")
 # config (configs/models/<Name>) is used, and the output says so.
 GPU_70B = ["--config", os.path.join(REPO, "configs", "gpu_70b_64gpu.yaml")]
 GPU_7B = ["--config", os.path.join(REPO, "configs", "gpu_7b_8gpu.yaml")]
+GPU_7B_PPO = ["--config", os.path.join(REPO, "configs", "gpu_7b_8gpu_ppo.yaml")]
 
 
 def _hf_params(name: str, *, tp: int) -> int:
@@ -43,7 +44,7 @@ def _hf_params(name: str, *, tp: int) -> int:
 def plans():
     """Each plan once (the 70B's sync plan is cached for the recompute=none run)."""
     return {"70b": run(_args(GPU_70B)), "7b": run(_args(GPU_7B)),
-            "70b-none": run(_args(GPU_70B + ["train.recompute=none"]))}
+            "70b-none": run(_args(GPU_70B + ["train.recompute=none"])), "7b-ppo": run(_args(GPU_7B_PPO))}
 
 
 @pytest.mark.unit
@@ -75,6 +76,16 @@ def test_optimizer_terms_follow_the_distributed_optimizer(plans):
     assert (t["weights"], t["grads"]) == (2 * n, 4 * n)  # bf16 params, fp32 grad buffers
     assert t["master"] + t["adam"] == 12 * n // 2  # sharded over DP = 64 / (8 x 4)
     assert t["master_adam_unsharded"] == 12 * n
+
+
+@pytest.mark.unit
+def test_ppo_config_fits_with_its_critic(plans):
+    """The critic trains while the policy's state stays resident: its phase holds two model states."""
+    ppo, grpo = plans["7b-ppo"], plans["7b"]
+    assert ppo["verdict"] == "fits", (ppo["breaking_term"], ppo["phases"])
+    assert "critic_train" in ppo["phases"] and "critic_train" not in grpo["phases"]
+    state = ppo["train_worst"]["state"]
+    assert ppo["phases"]["critic_train"] >= 2 * state > ppo["phases"]["train"] - ppo["train_worst"]["activation_terms"]
 
 
 @pytest.mark.unit

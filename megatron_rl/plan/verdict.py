@@ -4,7 +4,12 @@ A step's phases, per rank (the worst rank position of each):
 
 * ``rollout``: training state (resident) + vLLM's ``gpu_memory_utilization`` share;
 * ``train``: training state + the step's activation terms + what vLLM keeps through sleep;
-* ``sync``: training state + vLLM's weights (resumed) + the sync's extra buffers + vLLM's residual.
+* ``sync``: training state + vLLM's weights (resumed) + the sync's extra buffers + vLLM's residual;
+* ``critic_train`` (``algorithm.name=ppo``): the policy's state stays resident while the critic,
+  onloaded, trains: policy state + critic state + the critic's activation terms without the logits
+  (its head is one scalar) + vLLM's residual. The critic's state is taken as the policy's, an upper
+  bound (its head is one column where the policy's is the vocabulary). Outside its two phases the
+  critic is offloaded to host memory, so the other phases do not carry it.
 
 Each adds ``reserve`` (CUDA context, NCCL buffers, allocator slack). vLLM must also hold one
 ``rollout.max_model_len`` sequence in its KV cache, or it refuses to start.
@@ -58,6 +63,9 @@ def verdict(cfg, train: list, rollout, sync, *, gpu_bytes: int, reserve: int) ->
     phases = {"rollout": state + rollout.budget + reserve,
               "train": worst_train.step_peak + rollout.residual + reserve,
               "sync": state + rollout.weights + sync.peak_extra_bytes + rollout.residual + reserve}
+    if cfg.algorithm.name == "ppo":
+        phases["critic_train"] = max(2 * t.state + t.activation_terms - t.logits for t in train) \
+            + rollout.residual + reserve
     over = {k: v - gpu_bytes for k, v in phases.items() if v > gpu_bytes}
     if rollout.sequences(cfg.rollout.max_model_len) < 1:
         return Verdict(False, phases, "KV cache (holds no rollout.max_model_len sequence)",
@@ -69,6 +77,8 @@ def verdict(cfg, train: list, rollout, sync, *, gpu_bytes: int, reserve: int) ->
         term, fix = _train_fix(cfg, worst_train)
     elif phase == "rollout":
         term, fix = _rollout_fix(cfg, state=state, gpu_bytes=gpu_bytes, reserve=reserve)
+    elif phase == "critic_train":
+        term, fix = "policy and critic state together", "raise parallel.pp or parallel.tp"
     else:
         term, fix = "vLLM weights beside the training state", "raise rollout.tp or parallel.pp"
     return Verdict(False, phases, f"{phase}: {term}", fix)

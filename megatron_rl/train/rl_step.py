@@ -88,10 +88,11 @@ def gather_table(table: dict, *, topo) -> dict:
     return out
 
 
-def _global(sums: torch.Tensor, *, topo) -> torch.Tensor:
-    """Sums over every rank; last-stage TP ranks hold identical copies, hence the division by TP."""
-    total, _ = coll.sum_max(sums.tolist(), [0.0])
-    return torch.tensor(total, dtype=sums.dtype).reshape(sums.shape) / topo.grid.tp
+def global_sums(sums: torch.Tensor, *, topo, maximum: float = 0.0) -> tuple[torch.Tensor, float]:
+    """Sums over every rank, and the max of ``maximum``; last-stage TP ranks hold identical copies,
+    hence the division by TP. (One all-reduce on the control group's device.)"""
+    total, mx = coll.sum_max(sums.tolist(), [maximum])
+    return torch.tensor(total, dtype=sums.dtype).reshape(sums.shape) / topo.grid.tp, float(mx[0])
 
 
 def _set_lr(optimizer, lr: float) -> None:
@@ -130,9 +131,8 @@ def policy_update(eng, cfg, batch, plan: StepPlan, *, lr: float, old_logp: Optio
                     ref_logp=ref_logp)
     outs = _epochs(eng, plan, epochs=cfg.algorithm.ppo_epochs, loss=loss,
                    on_epoch=lambda e: setattr(loss, "record_ratios", e == 0))
-    total, mx = coll.sum_max(loss.sums().tolist(), [loss.mismatch_max])
-    sums = torch.tensor(total, dtype=torch.float64) / eng.topo.grid.tp
-    return {"grad_norm": _mean_norm(outs), "lr": lr, **stats_from_sums(sums, mismatch_max=float(mx[0])),
+    sums, mx = global_sums(loss.sums(), topo=eng.topo, maximum=loss.mismatch_max)
+    return {"grad_norm": _mean_norm(outs), "lr": lr, **stats_from_sums(sums, mismatch_max=mx),
             **_ratio_metrics(loss, topo=eng.topo, tis_cap=cfg.algorithm.tis_cap)}
 
 
@@ -150,5 +150,5 @@ def critic_update(critic, cfg, plan: StepPlan, *, targets: PPOTargets, lr: float
     _set_lr(critic.optimizer, lr)
     loss = ValueLoss(cfg.algorithm, targets=targets, key_of=plan.shards[0].__getitem__)
     outs = _epochs(critic, plan, epochs=cfg.algorithm.critic_epochs, loss=loss, values=True)
-    return {**value_stats(_global(loss.sums(), topo=critic.topo)), "critic/grad_norm": _mean_norm(outs),
+    return {**value_stats(global_sums(loss.sums(), topo=critic.topo)[0]), "critic/grad_norm": _mean_norm(outs),
             "critic/lr": lr}
