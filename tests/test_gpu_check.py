@@ -13,7 +13,7 @@ pytestmark = pytest.mark.multirank
 
 def test_gpu_check_smoke_runs_and_reports():
     env = dict(os.environ, PYTHONPATH=REPO, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    p = run_group([sys.executable, os.path.join(REPO, "tests", "gpu", "check.py"), "--smoke"], env=env, timeout=240)
+    p = run_group([sys.executable, os.path.join(REPO, "tests", "gpu", "check.py"), "--smoke"], env=env, timeout=600)
     line = p.stdout.strip().splitlines()[-1]
     res = json.loads(line)
     assert p.returncode == 0 and res["ok"], line
