@@ -24,7 +24,6 @@ Usage::
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 from typing import Callable
@@ -33,7 +32,7 @@ import torch
 
 from megatron_rl.rollout.cpu_memory import return_memory_to_os
 from megatron_rl.train.engine import TrainEngine
-from megatron_rl.train.reference import _rng_untouched, _unique_params, make_store
+from megatron_rl.train.reference import Offloadable, _rng_untouched, _unique_params, make_store
 
 
 def optimizer_tensors(optimizer) -> list:
@@ -62,7 +61,7 @@ def critic_path(cfg) -> str:
     return cfg.algorithm.critic_hf_path or cfg.model.hf_path
 
 
-class Critic:
+class Critic(Offloadable):
     """The value model; see the module docstring. ``eng`` is its :class:`TrainEngine`."""
 
     def __init__(self, hf_config, *, cfg, topo, store_dir: str, dtype=torch.float32):
@@ -109,15 +108,6 @@ class Critic:
                 buf.reload_from_cpu(move_params=False, move_grads=True)
         self.store.onload()
         self.resident = True
-
-    @contextlib.contextmanager
-    def onloaded(self):
-        """Onload for the block, offload after it (also on error)."""
-        self.onload()
-        try:
-            yield self
-        finally:
-            self.offload()
 
     def _check(self, what: str) -> None:
         if not self.resident:

@@ -181,7 +181,26 @@ def _rng_untouched():
     tracker.set_states(states)
 
 
-class ReferenceModel:
+class Offloadable:
+    """A model that lives on the device only between ``onload()`` and ``offload()``."""
+
+    def onload(self) -> None:
+        raise NotImplementedError
+
+    def offload(self) -> None:
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def onloaded(self):
+        """Onload for the block, offload after it (also on error)."""
+        self.onload()
+        try:
+            yield self
+        finally:
+            self.offload()
+
+
+class ReferenceModel(Offloadable):
     """A frozen copy of the initial policy at the policy's layout, offloaded between uses.
 
     Args:
@@ -227,15 +246,6 @@ class ReferenceModel:
 
     def offload(self) -> None:
         self.store.offload()
-
-    @contextlib.contextmanager
-    def onloaded(self):
-        """Onload for the block, offload after it (also on error)."""
-        self.onload()
-        try:
-            yield self
-        finally:
-            self.offload()
 
     @torch.no_grad()
     def forward(self, batches: list, *, forward_fn: Callable) -> list:
