@@ -33,8 +33,7 @@ from typing import Optional
 
 from megatron_rl.errors import LayoutError
 from megatron_rl.resharding.layout import Layout, LocalTensor
-from megatron_rl.resharding.schedule import (PIECE_FRACTION, UNBOUNDED, Op, _bucketize, _Piece, _Run, _shares,
-                                             sync_cost)
+from megatron_rl.resharding.schedule import PIECE_FRACTION, UNBOUNDED, Op, _bucketize, _Piece, _Run, _shares
 
 __all__ = ["Op", "Plan", "make_plan", "sync_cost", "UNBOUNDED"]
 
@@ -209,3 +208,28 @@ def _cached_plan(src: _Frozen, dst: _Frozen, bucket_bytes: int, elem_size: int, 
                 local_bytes=sum(op.nbytes for op in ops if op.local), bucket_bytes=bucket_bytes,
                 elem_size=elem_size, dst_tensors={r: dict(t) for r, t in dst.lay.ranks.items()},
                 src_tensors={r: dict(t) for r, t in src.lay.ranks.items()}, last_bucket=last)
+
+
+def sync_cost(plan: Plan) -> dict:
+    """The plan's time under a simple model, in bytes: a bucket takes as long as its busiest
+    rank's larger of bytes sent and bytes received, and buckets run one after another. The bound
+    is the busiest rank's total of the same. ``makespan_over_bound`` near 1 means every bucket
+    keeps every link busy; a serial plan gives about the number of ranks."""
+    sent_all: dict[int, int] = defaultdict(int)
+    recv_all: dict[int, int] = defaultdict(int)
+    makespan = 0
+    for bucket in plan.buckets:
+        sent: dict[int, int] = defaultdict(int)
+        recv: dict[int, int] = defaultdict(int)
+        for op in bucket:
+            if not op.local:
+                sent[op.src_rank] += op.nbytes
+                recv[op.dst_rank] += op.nbytes
+        makespan += max((max(sent[r], recv[r]) for r in set(sent) | set(recv)), default=0)
+        for r, n in sent.items():
+            sent_all[r] += n
+        for r, n in recv.items():
+            recv_all[r] += n
+    bound = max((max(sent_all[r], recv_all[r]) for r in set(sent_all) | set(recv_all)), default=0)
+    return {"makespan_bytes": makespan, "bound_bytes": bound,
+            "makespan_over_bound": makespan / bound if bound else 1.0, "buckets": len(plan.buckets)}

@@ -10,12 +10,10 @@ from __future__ import annotations
 import math
 from collections import defaultdict, deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 from megatron_rl.resharding.layout import Layout
 
-if TYPE_CHECKING:
-    from megatron_rl.resharding.planner import Plan
 
 PIECES_PER_BUCKET = 4  # a rank sends (and receives) at most bucket_bytes / 4 per bucket
 PIECE_FRACTION = 16  # pieces of at most bucket_bytes / 16
@@ -335,28 +333,3 @@ def _bucketize(per_rank: dict[int, list[_Piece]], bucket_bytes: int, src: Layout
             raise AssertionError("weight-sync planner: a bucket took no op")
         buckets.append(bucket)
     return buckets
-
-
-def sync_cost(plan: "Plan") -> dict:
-    """The plan's time under a simple model, in bytes: a bucket takes as long as its busiest
-    rank's larger of bytes sent and bytes received, and buckets run one after another. The bound
-    is the busiest rank's total of the same. ``makespan_over_bound`` near 1 means every bucket
-    keeps every link busy; a serial plan gives about the number of ranks."""
-    sent_all: dict[int, int] = defaultdict(int)
-    recv_all: dict[int, int] = defaultdict(int)
-    makespan = 0
-    for bucket in plan.buckets:
-        sent: dict[int, int] = defaultdict(int)
-        recv: dict[int, int] = defaultdict(int)
-        for op in bucket:
-            if not op.local:
-                sent[op.src_rank] += op.nbytes
-                recv[op.dst_rank] += op.nbytes
-        makespan += max((max(sent[r], recv[r]) for r in set(sent) | set(recv)), default=0)
-        for r, n in sent.items():
-            sent_all[r] += n
-        for r, n in recv.items():
-            recv_all[r] += n
-    bound = max((max(sent_all[r], recv_all[r]) for r in set(sent_all) | set(recv_all)), default=0)
-    return {"makespan_bytes": makespan, "bound_bytes": bound,
-            "makespan_over_bound": makespan / bound if bound else 1.0, "buckets": len(plan.buckets)}
