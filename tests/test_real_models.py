@@ -1,20 +1,25 @@
 """Weight-sync plans for real models (tests/fixtures/models: published config values, no
 weights) at realistic cluster layouts: the bytes the plan moves equal a lower bound computed
 independently (interval arithmetic over the layouts, itself checked against the element-mask
-bound on small layouts), and the shipped GPU configs' plans keep every link busy.
+bound on small layouts), and the shipped GPU configs' plans keep every link busy. megatron-core's
+model built on ``meta`` at each layout (as ``megatron-rl plan`` builds it) has the shard shapes the
+layout algebra predicts.
 
 The time model (``planner.sync_cost``): a bucket takes as long as its busiest rank's larger of
 bytes sent and received; buckets run one after another; the bound is the busiest rank's total.
 """
 import os
+import types
 
 import pytest
 from transformers import AutoConfig
 
 from _bounds import plan_cross_rank_bytes, slab_lower_bound, sync_lower_bound
+from megatron_rl.config.schema import ParallelConfig
 from megatron_rl.models.shape import ModelShape
 from megatron_rl.parallel.grid import RankGrid
-from megatron_rl.resharding.layout import megatron_layout
+from megatron_rl.plan.shapes import _built_shapes, _mismatches
+from megatron_rl.resharding.layout import megatron_layout, megatron_rank_tensors
 from megatron_rl.resharding.planner import UNBOUNDED, make_plan, sync_cost
 from megatron_rl.resharding.vllm_layout import vllm_layout
 
@@ -88,3 +93,26 @@ def test_sync_cost_sees_a_serial_plan():
     ops = [op for b in plan.buckets for op in b if not op.local]
     serial = type(plan)(**{**plan.__dict__, "buckets": [[op] for op in sorted(ops, key=lambda o: o.dst_rank)]})
     assert sync_cost(serial)["makespan_over_bound"] > 4 * sync_cost(plan)["makespan_over_bound"]
+
+
+def _meta_cfg(world, tp, pp, vtp):
+    """What the meta build reads of a job's config, at a fixture's layout (bf16, full recompute)."""
+    return types.SimpleNamespace(parallel=ParallelConfig(tp=tp, pp=pp, world_size=world),
+                                 rollout=types.SimpleNamespace(tp=vtp), train=types.SimpleNamespace(recompute="full"),
+                                 model=types.SimpleNamespace(dtype="bfloat16", make_vocab_size_divisible_by=128))
+
+
+@pytest.mark.parametrize("name,world,tp,pp,vtp", [x for x in LAYOUTS if x not in SHIPPED])
+def test_meta_model_shapes_equal_the_layout_algebra(name, world, tp, pp, vtp):
+    """megatron-core's own model, built on ``meta`` as rank (tp, pp) of the real world (the plan's
+    fake process group), has exactly the shard shapes the layout algebra predicts: first and last
+    stage, first and last TP rank (the shipped layouts: every position, tests/test_plan.py)."""
+    hf = AutoConfig.from_pretrained(os.path.join(FIXTURES, name))
+    grid = RankGrid(world_size=world, tp=tp, pp=pp)
+    for t, p in sorted({(0, 0), (tp - 1, pp - 1)}):
+        built = _built_shapes(_meta_cfg(world, tp, pp, vtp), hf, grid=grid, tp=t, pp=p)
+        predicted = megatron_rank_tensors(shape_of(name), tp=tp, pp=pp, tp_rank=t, pp_rank=p, vocab_divisible_by=128)
+        assert len(built) > 0 and _mismatches(built, predicted) == (), (name, t, p)
+        # negative control: the prediction for half the TP degree must disagree with the build
+        wrong = megatron_rank_tensors(shape_of(name), tp=tp // 2, pp=pp, tp_rank=0, pp_rank=p, vocab_divisible_by=128)
+        assert _mismatches(built, wrong), (name, t, p)
