@@ -13,7 +13,7 @@ pytestmark = pytest.mark.unit
 PKG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "megatron_rl")
 # Attributes that exist only inside vLLM / megatron-core internals (the private chain, the CPU
 # linear closures, the KV-cache discovery, the shm patch, the distopt load patch).
-PRIVATE_ATTRS = {"llm_engine", "model_executor", "driver_worker", "cpu_linear", "quant_method",
+PRIVATE_ATTRS = {"llm_engine", "model_executor", "driver_worker", "model_runner", "cpu_linear", "quant_method",
                  "static_forward_context", "make_group_name", "_set_main_param_and_optimizer_states"}
 FRAMEWORKS = ("vllm", "megatron")
 
@@ -67,6 +67,17 @@ def test_driver_worker_follows_the_chain_and_names_where_it_broke():
     assert vllm_compat.driver_worker(llm) is worker
     with pytest.raises(RuntimeError, match="has no 'driver_worker'; fix: update megatron_rl/compat/vllm_compat.py"):
         vllm_compat.driver_worker(Obj(llm_engine=Obj(model_executor=Obj())))
+
+
+def test_worker_model_reads_the_runner_and_names_where_it_broke():
+    class Obj:
+        def __init__(self, **kw):
+            self.__dict__.update(kw)
+
+    model = object()
+    assert vllm_compat.worker_model(Obj(model_runner=Obj(get_model=lambda: model))) is model
+    with pytest.raises(RuntimeError, match="get_model\\(\\) moved .*fix: update megatron_rl/compat/vllm_compat.py"):
+        vllm_compat.worker_model(Obj())
 
 
 def _violations(source: str) -> list[str]:

@@ -50,6 +50,15 @@ def driver_worker(llm):
     return obj
 
 
+def worker_model(worker):
+    """The ``torch.nn.Module`` that a vLLM worker runs (``worker.model_runner.get_model()``)."""
+    runner = getattr(worker, "model_runner", None)
+    if runner is None or not hasattr(runner, "get_model"):
+        raise RuntimeError(f"vLLM's worker.model_runner.get_model() moved ({type(worker).__name__}); fix: update "
+                           f"megatron_rl/compat/vllm_compat.py:worker_model for vLLM {check_version()}")
+    return runner.get_model()
+
+
 def unique_shm_names() -> None:
     """Prefix vLLM's CPU shared-memory segment names with this job's rendezvous port.
 

@@ -75,7 +75,7 @@ class VllmEngine(RolloutEngine):
             vllm_compat.unique_shm_names()
         self.llm = self._make_llm(model_path, dtype)
         self.worker = vllm_compat.driver_worker(self.llm)
-        self.weights = VllmWeights(self.worker.model_runner.get_model(), cpu=not self.cuda)
+        self.weights = VllmWeights(vllm_compat.worker_model(self.worker), cpu=not self.cuda)
         self.lc = Lifecycle(weights_release=cfg.weights_release, dummy=cfg.load_format == "dummy")
         self._calls = 0
         self._sync_dirty = False
