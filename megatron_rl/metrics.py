@@ -79,7 +79,7 @@ def memory_mib(device: Optional[torch.device] = None) -> dict[str, float]:
         free, total = torch.cuda.mem_get_info(device)
         return {"allocated": torch.cuda.memory_allocated(device) / _MIB,
                 "reserved": torch.cuda.memory_reserved(device) / _MIB, "device_used": (total - free) / _MIB}
-    import psutil
+    import psutil  # lazy: host memory only, off the CUDA path
 
     return {"rss": psutil.Process().memory_info().rss / _MIB}
 
@@ -267,11 +267,11 @@ class MetricsLogger:
             self._truncate_from(start_step)
             self._file = open(self.path, "a")
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # lazy: optional (logging.tensorboard)
 
             self._tb = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=start_step or None)
         if progress:
-            from tqdm import tqdm
+            from tqdm import tqdm  # lazy: optional (logging.progress)
 
             self._bar = tqdm(total=total_steps, initial=start_step, desc="grpo", unit="step", file=self.stream,
                              dynamic_ncols=True, mininterval=0.5)

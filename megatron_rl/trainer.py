@@ -228,7 +228,7 @@ def _critic_state(critic) -> Optional[tuple]:
 
 def save_state(cfg: Config, eng, *, step: int, data, rewards: list, critic=None) -> None:
     try:
-        from megatron_rl.checkpoint.rl import save_rl_checkpoint
+        from megatron_rl.checkpoint.rl import save_rl_checkpoint  # lazy: a broken install fails here, naming the fix
     except ImportError as e:  # never drop a checkpoint silently: a broken install must stop the run
         raise ImportError(f"checkpoint.dir={cfg.checkpoint.dir!r} is set but megatron_rl.checkpoint.rl cannot be "
                           f"imported ({e}); fix: repair the install (pip install -e .), or set checkpoint.dir=null "
@@ -244,7 +244,7 @@ def resume_state(cfg: Config, eng, *, data, critic=None) -> tuple[int, list]:
     if not (cfg.checkpoint.dir and cfg.checkpoint.resume):
         return 0, []
     try:
-        from megatron_rl.checkpoint.rl import load_rl_checkpoint
+        from megatron_rl.checkpoint.rl import load_rl_checkpoint  # lazy: as above
     except ImportError as e:  # "no checkpoint" would silently restart from step 0
         raise ImportError(f"checkpoint.resume=true but megatron_rl.checkpoint.rl cannot be imported ({e}); fix: "
                           "repair the install (pip install -e .), or set checkpoint.resume=false to start fresh") from e

@@ -64,7 +64,7 @@ class MegatronMeta:
 
 
 def versions() -> dict:
-    import importlib.metadata as md
+    import importlib.metadata as md  # lazy: only when a checkpoint's metadata is written
 
     out = {}
     for pkg in ("megatron_rl", "megatron-core", "torch", "transformers", "safetensors"):

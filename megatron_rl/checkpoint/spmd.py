@@ -58,7 +58,7 @@ BUCKET_BYTES = SyncConfig.bucket_bytes  # live sync's default bucket
 
 
 def _progress(it=None, *, show: bool, desc: str, total=None, unit: str = "tensor"):
-    from tqdm import tqdm
+    from tqdm import tqdm  # lazy: only for the progress bar
 
     return tqdm(it, desc=desc, total=total, unit=unit, disable=not show or dist.get_rank() != 0, leave=False)
 

@@ -50,7 +50,7 @@ def read_jsonl(path: str) -> list[dict]:
 def read_parquet(path: str) -> list[dict]:
     """All rows of a parquet file as dicts (needs pyarrow)."""
     try:
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # lazy: optional (the data extra), parquet datasets only
     except ImportError:
         raise _err("data.dataset", f"reading {path} needs pyarrow, which is not installed",
                    "pip install pyarrow==26.0.1 (or megatron_rl[data]), or convert the file to .jsonl") from None

@@ -56,7 +56,7 @@ def package_versions() -> dict:
 
 def rank_info(rank: int) -> dict:
     """Host, device, free memory and versions of this rank."""
-    import psutil
+    import psutil  # lazy: preflight only
 
     local = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():

@@ -77,7 +77,7 @@ def write_json(path: str, obj: dict) -> None:
 def classify(exc: BaseException) -> str:
     """``peer_lost`` for backend errors caused by another rank, else ``exception``."""
     try:
-        import torch.distributed as dist
+        import torch.distributed as dist  # lazy: the failure report (runtime/report.py) reads records without loading torch
 
         backend_errors = tuple(c for c in (getattr(dist, "DistBackendError", None),
                                            getattr(dist, "DistNetworkError", None)) if c)
