@@ -18,7 +18,6 @@ are copies (``rollout.weights_release=offload``).
 """
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -27,6 +26,7 @@ from megatron_rl.parallel.grid import RankGrid
 from megatron_rl.plan.shapes import DTYPE_BYTES
 from megatron_rl.resharding.layout import megatron_layout
 from megatron_rl.resharding.planner import UNBOUNDED, make_plan, sync_cost
+from megatron_rl.resharding.schedule import held_bytes
 from megatron_rl.resharding.vllm_layout import vllm_layout
 
 
@@ -57,10 +57,6 @@ def staging(cfg) -> int:
     return UNBOUNDED if cfg.rollout.weights_release == "discard" else cfg.sync.bucket_bytes // 2
 
 
-def _contiguous(shape: tuple, dim: int, length: int) -> bool:
-    return math.prod(shape[:dim]) == 1 or length == shape[dim]
-
-
 def _bucket_loads(plan, links: Links):
     """Per bucket: {(rank, link, direction): bytes} and {rank: bytes held in buffers}."""
     for bucket in plan.buckets:
@@ -72,10 +68,10 @@ def _bucket_loads(plan, links: Links):
             link = "nvlink" if op.src_rank // links.gpus_per_node == op.dst_rank // links.gpus_per_node else "nic"
             wire[(op.src_rank, link, "out")] += op.nbytes
             wire[(op.dst_rank, link, "in")] += op.nbytes
-            held[op.src_rank] += op.nbytes * (1 if _contiguous(plan.src_tensors[op.src_rank][op.src_name].shape,
-                                                               op.dim, op.length) else 2)
-            held[op.dst_rank] += op.nbytes * (1 if _contiguous(plan.dst_tensors[op.dst_rank][op.dst_name].shape,
-                                                               op.dim, op.length) else 2)
+            src_held, dst_held = held_bytes(op, plan.src_tensors[op.src_rank][op.src_name].shape,
+                                            plan.dst_tensors[op.dst_rank][op.dst_name].shape)
+            held[op.src_rank] += src_held
+            held[op.dst_rank] += dst_held
         yield wire, held
 
 

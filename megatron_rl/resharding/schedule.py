@@ -7,6 +7,7 @@ under a simple link model (:func:`sync_cost`). Pure: no process group, no device
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections import defaultdict, deque
 from dataclasses import dataclass
@@ -70,6 +71,11 @@ class _Piece:
     canon: str
     canon_start: int
     cands: tuple
+
+    @functools.cached_property
+    def head(self) -> Op:
+        """The op from the first candidate sender (the one the scheduler uses), built once."""
+        return self.op(self.cands[0])
 
     def op(self, run: _Run) -> Op:
         return Op(run.rank, run.name, self.dst_rank, self.dst_name, self.dim, run.local_start + (self.canon_start - run.start),
@@ -162,6 +168,8 @@ class _Scheduler:
     the whole sync are served in every bucket and none is left to finish alone. A pass takes
     every offer that still fits; the heads then move on. An offer that did not fit cannot fit
     later in the same bucket (charges only grow), so it is not offered again until the next.
+    Every offer of a pass is either taken or refused, so the next pass needs offers only from
+    the queues that took something (their heads moved on): the rest would offer only refusals.
     """
 
     def __init__(self, queues: dict[tuple[int, int], deque], budget: "_Budget"):
@@ -174,9 +182,10 @@ class _Scheduler:
                     self.left[p.dst_rank] += p.nbytes
                     self.sleft[p.cands[0].rank] += p.nbytes
 
-    def _offers(self, turn: int, refused: set) -> list[tuple]:
+    def _offers(self, turn: int, refused: set, keys) -> list[tuple]:
         offers = []
-        for key, q in self.queues.items():
+        for key in keys:
+            q = self.queues[key]
             for j in range(min(LOOKAHEAD, len(q))):
                 p = q[j]
                 if id(p) in refused:
@@ -192,11 +201,12 @@ class _Scheduler:
         ops: list[Op] = []
         last: dict[int, int] = {}  # dst rank -> index in ops of its latest op
         refused: set[int] = set()
+        keys = list(self.queues)  # the first pass: every queue offers
         while True:
             taken: dict[int, list[int]] = defaultdict(list)
-            for _, _, j, r in self._offers(turn, refused):
+            for _, _, j, r in self._offers(turn, refused, keys):
                 piece = self.queues[r][j]
-                op = piece.op(piece.cands[0])
+                op = piece.head
                 if self.budget.fits(op):
                     self._take(op, ops, last)
                     taken[r].append(j)
@@ -208,6 +218,7 @@ class _Scheduler:
                 q = self.queues[r]
                 for j in sorted(js, reverse=True):
                     del q[j]
+            keys = [key for key in self.queues if key in taken]  # in queue order, as the first pass
 
     def _take(self, op: Op, ops: list[Op], last: dict[int, int]) -> None:
         self.budget.add(op)
@@ -223,9 +234,21 @@ class _Scheduler:
             ops.append(op)
 
 
+@functools.lru_cache(maxsize=None)
 def _contiguous(shape: tuple[int, ...], dim: int, length: int) -> bool:
     """Is ``narrow(dim, ., length)`` of a contiguous tensor of ``shape`` contiguous?"""
     return math.prod(shape[:dim]) == 1 or length == shape[dim]
+
+
+def held_bytes(op: Op, src_shape: tuple[int, ...], dst_shape: tuple[int, ...]) -> tuple[int, int]:
+    """The buffers a cross-rank op holds on its (sender, receiver), given the shapes of its
+    source and destination tensors: each side's coalescing buffer, plus a packed copy where its
+    slice is not contiguous. A local op holds none."""
+    if op.local:
+        return 0, 0
+    n = op.nbytes
+    return (n if _contiguous(tuple(src_shape), op.dim, op.length) else 2 * n,
+            n if _contiguous(tuple(dst_shape), op.dim, op.length) else 2 * n)
 
 
 class _Budget:
@@ -262,16 +285,8 @@ class _Budget:
         self.sent, self.recv = defaultdict(int), defaultdict(int)
         self.wrote, self.held = defaultdict(int), defaultdict(int)
 
-    def held_cost(self, op: Op) -> dict[int, int]:
-        cost: dict[int, int] = defaultdict(int)
-        if not op.local:
-            cost[op.src_rank] += op.nbytes  # the send side's coalescing buffer
-            cost[op.dst_rank] += op.nbytes  # the receive side's
-            if not _contiguous(self.src_shapes[(op.src_rank, op.src_name)], op.dim, op.length):
-                cost[op.src_rank] += op.nbytes
-            if not _contiguous(self.dst_shapes[(op.dst_rank, op.dst_name)], op.dim, op.length):
-                cost[op.dst_rank] += op.nbytes
-        return cost
+    def held_cost(self, op: Op) -> tuple[int, int]:
+        return held_bytes(op, self.src_shapes[(op.src_rank, op.src_name)], self.dst_shapes[(op.dst_rank, op.dst_name)])
 
     def _room(self, rank: int, moved: dict, n: int, limit: int, held: int) -> bool:
         first = rank not in moved
@@ -282,7 +297,7 @@ class _Budget:
         return self.shard_bytes[key] if self.unwritten[key] == self.pieces0[key] else 0
 
     def fits(self, op: Op) -> bool:
-        n, cost = op.nbytes, self.held_cost(op)
+        n = op.nbytes
         opens = self._opens(op)
         if opens and self.staged[op.dst_rank] and self.staged[op.dst_rank] + opens > self.staging:
             return False
@@ -290,8 +305,9 @@ class _Budget:
             return False
         if op.local:
             return True
-        return self._room(op.dst_rank, self.recv, n, self.pace, cost[op.dst_rank]) and \
-            self._room(op.src_rank, self.sent, n, self.pace, cost[op.src_rank])
+        src_held, dst_held = self.held_cost(op)
+        return self._room(op.dst_rank, self.recv, n, self.pace, dst_held) and \
+            self._room(op.src_rank, self.sent, n, self.pace, src_held)
 
     def add(self, op: Op) -> None:
         key = (op.dst_rank, op.dst_name)
@@ -299,8 +315,9 @@ class _Budget:
         self.unwritten[key] -= 1
         if not self.unwritten[key]:  # complete: handed to the engine after this bucket
             self.done.append(key)
-        for r, c in self.held_cost(op).items():
-            self.held[r] += c
+        src_held, dst_held = self.held_cost(op)
+        self.held[op.src_rank] += src_held
+        self.held[op.dst_rank] += dst_held
         self.wrote[op.dst_rank] += op.nbytes
         if not op.local:
             self.sent[op.src_rank] += op.nbytes
