@@ -38,7 +38,6 @@ from megatron_rl import console
 from megatron_rl.algorithms import group_advantages, lr_at
 from megatron_rl.algorithms.dynamic import DynamicPool, select_groups
 from megatron_rl.algorithms.grpo import RolloutBatch
-from megatron_rl.algorithms.ppo_step import ppo_targets
 from megatron_rl.config import Config, ConfigError, load_config, validate
 from megatron_rl.data import PromptDataset, encode_prompt
 from megatron_rl.metrics import (MetricsLogger, PhaseTimer, ascii_curve, length_stats, phase_table, quiet_other_ranks,
@@ -60,7 +59,8 @@ from megatron_rl.runtime.resources import resource_metrics
 from megatron_rl.train.critic import Critic
 from megatron_rl.train.engine import TrainEngine
 from megatron_rl.train.reference import ReferenceModel, reference_path
-from megatron_rl.train.rl_step import critic_update, forward_table, gather_table, plan_step, policy_update
+from megatron_rl.train.rl_step import (critic_update, forward_table, gather_table, plan_step, policy_update,
+                                      ppo_step_targets)
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -167,7 +167,8 @@ def update(job: "Job", batch: RolloutBatch, rewards: list, *, step: int, lr: flo
         off_policy = plan.passes * a.ppo_epochs > 1 or (ppo and a.kl_coef > 0)
         old_logp = forward_table(eng, plan, topo=topo) if off_policy else None
         if ppo:
-            targets = _ppo_targets(cfg, batch, rewards, values=values, old_logp=old_logp, ref_logp=ref_logp, topo=topo)
+            targets, kl_stats = ppo_step_targets(cfg, batch, rewards, values=values, old_logp=old_logp,
+                                                 ref_logp=ref_logp, topo=topo)
             plan = plan_step(cfg, batch, topo=topo, token_adv=targets.advantages)
         if step >= a.critic_warmup_steps:
             out = policy_update(eng, cfg, batch, plan, lr=lr, old_logp=old_logp, ref_logp=ref_logp)
@@ -175,20 +176,8 @@ def update(job: "Job", batch: RolloutBatch, rewards: list, *, step: int, lr: flo
         with phase("critic_train"), job.critic.onloaded():
             critic_lr = (a.critic_lr or cfg.train.lr) * lr / cfg.train.lr  # the policy's schedule
             out.update(critic_update(job.critic, cfg, plan, targets=targets, lr=critic_lr),
-                       **{"critic/explained_var": targets.explained_variance})
+                       **{"critic/explained_var": targets.explained_variance}, **kl_stats)
     return out
-
-
-def _ppo_targets(cfg: Config, batch: RolloutBatch, rewards: list, *, values: dict, old_logp, ref_logp, topo):
-    """GAE targets of every response (the same on every rank); the KL reward term from the
-    trainer's and the reference's log-probs (gathered) when ``algorithm.kl_coef > 0``."""
-    a = cfg.algorithm
-    keys = [(g, i) for g in range(len(batch.prompt_ids)) for i in range(batch.group_size)]
-    kl = None
-    if a.kl_coef > 0:
-        kl = gather_table({k: old_logp[k] - ref_logp[k] for k in old_logp}, topo=topo)
-    return ppo_targets(keys, scores=torch.tensor(rewards, dtype=torch.float64), values=values, gamma=a.gamma,
-                       lam=a.lam, whiten_adv=a.whiten_advantages, kl=kl, kl_coef=a.kl_coef)
 
 
 @contextlib.contextmanager

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.multirank
 
 # (tp, pp, mini_batches[, variant]) on 4 ranks: DP fills the rest. Pairs with equal mini_batches must agree.
 LAYOUTS = ["2,2,1", "1,1,1", "2,1,2", "1,2,2", "2,1,2,naive", "2,2,1,kl", "1,1,1,notis",
-           "2,2,1,ppo", "1,1,1,ppo", "2,2,1,ppo_naive"]
+           "2,2,1,ppo", "1,1,1,ppo", "2,2,1,ppo_naive", "1,1,1,ppo_kl"]
 PPO_STATS = ("loss", "pg_loss", "clip_frac", "grad_norm", "critic/value_loss", "critic/grad_norm", "critic/clip_frac",
              "critic/explained_var", "mismatch/ratio_q50", "mismatch/tis_capped_frac")
 KL_COEF, TIS_CAP = 0.1, 1.002  # tests/workers/grpo_step.py
@@ -115,6 +115,23 @@ def test_ppo_step_matches_across_layouts_and_packings(results):
     assert first["clip_frac"] > 0  # the second epoch is off-policy: the PPO clip bites
     assert first["critic/clip_frac"] == 0.0 < second["critic/clip_frac"]  # values start where they were
     assert results[0]["2,2,1,ppo"]["phases"] == ["critic", "train", "critic_train"] * 2
+
+
+def test_ppo_kl_in_the_rewards(results):
+    """PPO with algorithm.kl_coef > 0 (InstructGPT-style: the KL to the frozen reference is a
+    per-token reward): its logged KL figures equal those computed from the policy's and the
+    reference's own log-prob tables (another code path); at step 0 the reference is the policy,
+    so the step equals the KL-free one; after an update the KL moves the critic's returns."""
+    kl, plain = results[0]["1,1,1,ppo_kl"], results[0]["1,1,1,ppo"]["steps"]
+    assert kl["phases"] == ["critic", "ref", "train", "critic_train"] * 2
+    for step, (got, want) in enumerate(zip(kl["steps"], kl["kl_expected"])):
+        for key in ("ppo/kl_mean", "ppo/kl_reward"):
+            assert got[key] == pytest.approx(want[key], rel=1e-6, abs=1e-9), (step, key, got[key], want[key])
+    first, second = kl["steps"]
+    assert first["ppo/kl_mean"] == 0.0 and second["ppo/kl_mean"] != 0.0
+    for key in PPO_STATS:
+        assert first[key] == plain[0][key], (key, first[key], plain[0][key])
+    assert second["critic/value_loss"] != plain[1]["critic/value_loss"]  # the KL term reached the returns
 
 
 def test_ppo_mismatch_distribution(results):

@@ -5,6 +5,7 @@ The trainer's loop (:mod:`megatron_rl.trainer`) calls them in a flat, timed sequ
     plan = plan_step(cfg, batch, topo=topo, advantages=adv)     # which groups, packed micro-batches
     values = gather_table(forward_table(critic, plan), topo=topo)      # critic (PPO), offloaded after
     ref_logp = forward_table(ref, plan)                                # reference (kl_coef > 0)
+    targets, kl_stats = ppo_step_targets(cfg, batch, rewards, values=values, old_logp=old, ref_logp=ref_logp, topo=topo)
     out = policy_update(eng, cfg, batch, plan, lr=lr, ref_logp=ref_logp)
     out |= critic_update(critic, cfg, plan, targets=targets, lr=critic_lr)
 
@@ -21,7 +22,7 @@ import torch
 
 from megatron_rl.algorithms.grpo import GRPOLoss, dp_shards, make_groups, stats_from_sums
 from megatron_rl.algorithms.mismatch import ratio_stats
-from megatron_rl.algorithms.ppo_step import PPOTargets, ValueLoss, token_groups, value_stats
+from megatron_rl.algorithms.ppo_step import PPOTargets, ValueLoss, ppo_targets, token_groups, value_stats
 from megatron_rl.parallel import collectives as coll
 
 
@@ -152,3 +153,22 @@ def critic_update(critic, cfg, plan: StepPlan, *, targets: PPOTargets, lr: float
     outs = _epochs(critic, plan, epochs=cfg.algorithm.critic_epochs, loss=loss, values=True)
     return {**value_stats(global_sums(loss.sums(), topo=critic.topo)[0]), "critic/grad_norm": _mean_norm(outs),
             "critic/lr": lr}
+
+
+def ppo_step_targets(cfg, batch, rewards: list, *, values: dict, old_logp, ref_logp, topo) -> tuple:
+    """GAE targets of every response (the same on every rank), and the KL reward term's figures:
+    with ``algorithm.kl_coef > 0`` the per-token KL estimate (trainer minus reference log-probs,
+    gathered) enters the rewards, and ``ppo/kl_mean`` (its token mean) and ``ppo/kl_reward``
+    (``-kl_coef`` times its sum per response, averaged over responses) are logged."""
+    a = cfg.algorithm
+    keys = [(g, i) for g in range(len(batch.prompt_ids)) for i in range(batch.group_size)]
+    kl, stats = None, {}
+    if a.kl_coef > 0:
+        kl = gather_table({k: old_logp[k] - ref_logp[k] for k in old_logp}, topo=topo)
+        per_resp = [kl[k].double() for k in keys]
+        tokens = sum(v.numel() for v in per_resp)
+        stats = {"ppo/kl_mean": float(sum(v.sum() for v in per_resp) / max(tokens, 1)),
+                 "ppo/kl_reward": float(-a.kl_coef * sum(v.sum() for v in per_resp) / len(per_resp))}
+    targets = ppo_targets(keys, scores=torch.tensor(rewards, dtype=torch.float64), values=values, gamma=a.gamma,
+                          lam=a.lam, whiten_adv=a.whiten_advantages, kl=kl, kl_coef=a.kl_coef)
+    return targets, stats

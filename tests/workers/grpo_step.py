@@ -131,7 +131,7 @@ def run_layout(path: str, hf, spec: str, batch, adv) -> dict:
     tp, pp, mini, *variant = spec.split(",")
     extra = {"naive": ["train.shared_prefix=false"], "kl": [f"algorithm.kl_coef={KL_COEF}"],
              "notis": ["algorithm.tis_cap=null"], "ppo": PPO,
-             "ppo_naive": [*PPO, "train.shared_prefix=false"]}.get(variant[0] if variant else "", [])
+             "ppo_naive": [*PPO, "train.shared_prefix=false"], "ppo_kl": [*PPO, f"algorithm.kl_coef={KL_COEF}"]}.get(variant[0] if variant else "", [])
     cfg = load_config(overrides=[f"parallel.tp={tp}", f"parallel.pp={pp}", "parallel.backend=gloo",
                                  f"model.hf_path={path}", f"algorithm.group_size={G}", f"data.prompts_per_step={N}",
                                  f"algorithm.mini_batches={mini}", "train.micro_batch_groups=1", "train.lr=1e-3",
@@ -145,7 +145,7 @@ def run_layout(path: str, hf, spec: str, batch, adv) -> dict:
     enable_shared_prefix(eng.model)
     ref = trainer.make_reference(cfg, hf_config=hf, topo=topo)
     if cfg.algorithm.name == "ppo":
-        out = run_ppo(cfg, hf, eng=eng, topo=topo, ref=ref, batch=batch)
+        out = run_ppo(cfg, hf, eng=eng, topo=topo, ref=ref, batch=batch, adv=adv)
         destroy_distributed(keep_process_group=True)
         return {**out, "seconds": time.perf_counter() - start}
     mine = own_logprobs(eng, batch, adv)  # fp32, initial weights: the trainer's side of the mismatch
@@ -175,7 +175,7 @@ def micro_batching_diff(cfg, eng, batch, *, topo) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in a if a[k].numel())
 
 
-def run_ppo(cfg, hf, *, eng, topo, ref, batch) -> dict:
+def run_ppo(cfg, hf, *, eng, topo, ref, batch, adv) -> dict:
     import types
 
     from megatron_rl import trainer
@@ -186,9 +186,13 @@ def run_ppo(cfg, hf, *, eng, topo, ref, batch) -> dict:
     mb_diff = micro_batching_diff(cfg, eng, batch, topo=topo) if topo.grid.dp == 1 else None  # DP1: 4 groups
     critic = trainer.make_critic(cfg, hf_config=hf, topo=topo)
     job = types.SimpleNamespace(cfg=cfg, eng=eng, ref=ref, critic=critic)
-    phases = []
-    steps = [trainer.update(job, batch, rewards, step=s, lr=1e-3, phase=lambda name: _record(phases, name))
-             for s in range(2)]
+    phases, steps, kl_expected = [], [], []
+    for s in range(2):
+        if ref is not None:  # PPO's KL reward term, from another code path: this rank's own log-prob tables
+            with ref.onloaded():
+                ref_logp = own_logprobs(ref, batch, adv)
+            kl_expected.append(_kl_figures(own_logprobs(eng, batch, adv), ref_logp, kl_coef=cfg.algorithm.kl_coef))
+        steps.append(trainer.update(job, batch, rewards, step=s, lr=1e-3, phase=lambda name: _record(phases, name)))
     critic.onload()
     rss_on, held = rss_bytes(), critic.state_bytes()
     critic.offload()
@@ -196,8 +200,17 @@ def run_ppo(cfg, hf, *, eng, topo, ref, batch) -> dict:
     critic.onload()
     rss_back = rss_bytes()
     critic.offload()
-    return {"steps": steps, "phases": phases, "microbatch_logp_max_diff": mb_diff,
+    return {"steps": steps, "phases": phases, "microbatch_logp_max_diff": mb_diff, "kl_expected": kl_expected,
             "critic": {"state_bytes": held, "rss_drop": rss_on - rss_off, "rss_rise": rss_back - rss_off}}
+
+
+def _kl_figures(policy_logp: list, ref_logp: list, *, kl_coef: float) -> dict:
+    """PPO's KL reward figures from two N x G log-prob tables: the token mean of policy minus
+    reference, and -kl_coef times its sum per response, averaged over responses."""
+    diffs = [torch.tensor(p, dtype=torch.float64) - torch.tensor(r, dtype=torch.float64)
+             for gp, gr in zip(policy_logp, ref_logp) for p, r in zip(gp, gr)]
+    total = sum(float(d.sum()) for d in diffs)
+    return {"ppo/kl_mean": total / sum(d.numel() for d in diffs), "ppo/kl_reward": -kl_coef * total / len(diffs)}
 
 
 def _record(log: list, name: str):
