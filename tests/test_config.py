@@ -113,8 +113,6 @@ BAD = [
     ("negative lr", ["train.lr=-1e-5"], None, "config error: train.lr: must be > 0, got -1e-05"),
     ("sequence parallel with tp=1", ["parallel.sequence_parallel=true"], None,
      "config error: parallel.sequence_parallel: needs parallel.tp > 1"),
-    ("ppo with distributed optimizer", ["algorithm.name=ppo", "parallel.distributed_optimizer=true"], None,
-     "config error: parallel.distributed_optimizer: is not supported with algorithm.name=ppo"),
     ("critic key without ppo", ["algorithm.critic_lr=1e-5"], None,
      "config error: algorithm.critic_lr: is only used with algorithm.name=ppo (got name=grpo)"),
     ("critic warm-up too long", ["algorithm.name=ppo", "algorithm.critic_warmup_steps=20"], None,

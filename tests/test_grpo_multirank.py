@@ -14,7 +14,8 @@ pytestmark = pytest.mark.multirank
 
 # (tp, pp, mini_batches[, variant]) on 4 ranks: DP fills the rest. Pairs with equal mini_batches must agree.
 LAYOUTS = ["2,2,1", "1,1,1", "2,1,2", "1,2,2", "2,1,2,naive", "2,2,1,kl", "1,1,1,notis",
-           "2,2,1,ppo", "1,1,1,ppo", "2,2,1,ppo_naive", "1,1,1,ppo_kl"]
+           "2,2,1,ppo", "1,1,1,ppo", "2,2,1,ppo_naive", "1,1,1,ppo_kl",
+           "1,1,1,ppo_distopt"]
 PPO_STATS = ("loss", "pg_loss", "clip_frac", "grad_norm", "critic/value_loss", "critic/grad_norm", "critic/clip_frac",
              "critic/explained_var", "mismatch/ratio_q50", "mismatch/tis_capped_frac")
 KL_COEF, TIS_CAP = 0.1, 1.002  # tests/workers/grpo_step.py
@@ -132,6 +133,26 @@ def test_ppo_kl_in_the_rewards(results):
     for key in PPO_STATS:
         assert first[key] == plain[0][key], (key, first[key], plain[0][key])
     assert second["critic/value_loss"] != plain[1]["critic/value_loss"]  # the KL term reached the returns
+
+
+def test_ppo_with_the_distributed_optimizer(results):
+    """parallel.distributed_optimizer=true (Adam state sharded over DP 4): the parameters are views
+    of DDP's buffer, which the critic's offload empties and refills in place (InPlaceStore). Two
+    PPO steps, with two critic offload cycles each, equal the plain optimizer's, and the offload
+    still returns what the critic holds."""
+    plain, sharded = results[0]["1,1,1,ppo"]["steps"], results[0]["1,1,1,ppo_distopt"]["steps"]
+    for step in range(2):
+        for key in PPO_STATS:
+            assert _rel_close(sharded[step][key], plain[step][key]), (step, key, sharded[step][key], plain[step][key])
+    assert sharded[1]["critic/value_loss"] != sharded[0]["critic/value_loss"]  # the critic did train
+    for rank, res in enumerate(results):
+        c = res["1,1,1,ppo_distopt"]["critic"]
+        # the parameters did live in DDP's buffers (the in-place path ran); without it, nothing does
+        # (DDP pads its buffer a little past the parameters' bytes)
+        assert 1.0 <= c["in_place_bytes"] / c["param_bytes"] <= 1.01, c
+        assert res["1,1,1,ppo"]["critic"]["in_place_bytes"] == 0
+        assert 0.97 <= c["rss_drop"] / c["state_bytes"] <= 1.03, (rank, c)
+        assert 0.97 <= c["rss_rise"] / c["state_bytes"] <= 1.03, (rank, c)
 
 
 def test_ppo_mismatch_distribution(results):

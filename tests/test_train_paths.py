@@ -2,6 +2,8 @@
 
 - the reference model's offload store: on CPU, offloading gives the parameters' bytes back to
   the OS (RSS) and onloading restores them bitwise; the file layout is aligned;
+- the in-place store (the critic under the distributed optimizer): views of an offloaded buffer
+  stay its views, its bytes go back to the OS and come back bitwise (on CPU, and on CUDA);
 - naive micro-batches: the same responses, targets and advantages under the same keys as
   shared-prefix packing, at the naive token count ``G*P + sum(R_i)``.
 """
@@ -11,7 +13,7 @@ import torch
 from megatron_rl.attention.packing import Group, group_tokens, naive_tokens
 from megatron_rl.attention.step import make_batches, split_responses
 from megatron_rl.rollout.cpu_memory import rss_bytes
-from megatron_rl.train.reference import FileMappedStore, PinnedHostStore, file_offsets, make_store
+from megatron_rl.train.reference import FileMappedStore, InPlaceStore, PinnedHostStore, file_offsets, make_store
 
 pytestmark = pytest.mark.unit
 
@@ -117,6 +119,52 @@ def test_cuda_store_is_refilled_in_place_when_the_weights_change():
     assert all(torch.equal(p.cpu(), w) for p, w in zip(params, want))  # the new bytes, not the first copy
     extra = params + [torch.zeros(3, device="cuda")]  # Adam's state appeared: another set
     assert make_store(extra, path="unused", reuse=store) is not store
+
+
+def _buffer_and_views(device="cpu"):
+    """A flat buffer (32 MiB fp32) and views of it, as DDP's param_data, its parameters and a
+    distributed-optimizer shard of one of them."""
+    buf = torch.randn(1 << 23, generator=torch.Generator().manual_seed(3)).to(device)
+    weight, bias = buf[:4096].view(64, 64), buf[4096:6144]
+    return buf, weight, bias, bias[100:600]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_in_place_store_keeps_views_and_returns_memory(tmp_path, device):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    buf, weight, bias, shard = _buffer_and_views(device)
+    want = buf.clone().cpu()
+    store = InPlaceStore([buf], path=str(tmp_path / "flat.bin"))
+    before = rss_bytes() if device == "cpu" else torch.cuda.memory_allocated()
+    store.offload()
+    after = rss_bytes() if device == "cpu" else torch.cuda.memory_allocated()
+    assert buf.untyped_storage().nbytes() == 0
+    assert 0.9 <= (before - after) / (buf.numel() * 4) <= 1.1, (before, after)
+    for _ in range(2):  # any number of cycles
+        store.onload()
+        assert torch.equal(buf.cpu(), want)
+        store.offload()
+    store.onload()
+    with torch.no_grad():
+        shard.fill_(7.0)  # an optimizer step on the shard reaches the parameter and the buffer
+    assert torch.all(bias[100:600] == 7.0) and torch.all(buf[4196:4696] == 7.0)
+    assert torch.equal(weight.cpu(), want[:4096].view(64, 64))
+    with pytest.raises(ValueError, match="whole storage"):
+        InPlaceStore([bias], path=str(tmp_path / "view.bin"))
+
+
+def test_a_re_pointing_store_cuts_the_views(tmp_path):
+    """Negative control: the parameter stores re-point ``.data``, so a view of the buffer taken
+    before an offload is no longer a view of it after onload. This is why the critic under the
+    distributed optimizer needs the in-place store."""
+    buf, _, bias, _ = _buffer_and_views()
+    store = make_store([buf], path=str(tmp_path / "flat.bin"))
+    store.offload()
+    store.onload()
+    with torch.no_grad():
+        bias.fill_(7.0)
+    assert not torch.any(buf[4096:6144] == 7.0)
 
 
 def test_reference_config_errors_name_the_field(tmp_path):

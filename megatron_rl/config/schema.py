@@ -329,10 +329,6 @@ class Config:
         if self.parallel.world_size is not None:
             self.check_world(self.parallel.world_size)
         a = self.algorithm
-        if a.name == "ppo" and self.parallel.distributed_optimizer:
-            # the critic's offload re-points parameters; under the distributed optimizer they are views of DDP's buffer
-            _fail("parallel.distributed_optimizer", "is not supported with algorithm.name=ppo (the critic's offload)",
-                  "set parallel.distributed_optimizer=false")
         if a.critic_warmup_steps >= self.train.steps:
             _fail("algorithm.critic_warmup_steps", f"{a.critic_warmup_steps} >= train.steps={self.train.steps}: the "
                   "policy would never train", "use fewer critic-only steps than train.steps")

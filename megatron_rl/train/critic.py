@@ -14,7 +14,11 @@ Unlike the frozen reference its weights change, so every offload stores them afr
   set of tensors is taken at each offload (Adam's state appears at the first step); on CUDA the
   pinned buffers are refilled in place once that set stops changing (no new pinned memory);
 * the DDP gradient buffers are freed with megatron-core's own ``offload_to_cpu(move_params=False)``
-  (``storage().resize_(0)``, views stay valid; gradients are zeroed before every step anyway).
+  (``storage().resize_(0)``, views stay valid; gradients are zeroed before every step anyway);
+* under the distributed optimizer the parameters are views of DDP's parameter buffers and the
+  fp32 optimizer shards views of those: the buffers go through
+  :class:`~megatron_rl.train.reference.InPlaceStore` (emptied and refilled in place, so every
+  view stays valid), and only the tensors that own their storage go through ``make_store``.
 
 Usage::
 
@@ -32,7 +36,7 @@ import torch
 
 from megatron_rl.rollout.cpu_memory import return_memory_to_os
 from megatron_rl.train.engine import TrainEngine
-from megatron_rl.train.reference import Offloadable, _rng_untouched, _unique_params, make_store
+from megatron_rl.train.reference import InPlaceStore, Offloadable, _rng_untouched, _unique_params, make_store
 
 
 def optimizer_tensors(optimizer) -> list:
@@ -77,16 +81,24 @@ class Critic(Offloadable):
         self.model, self.optimizer, self.topo = self.eng.model, self.eng.optimizer, topo
         self.path = os.path.join(store_dir, f"critic-rank{topo.rank}.bin")
         self.param_bytes = sum(p.numel() * p.element_size() for p in _unique_params(self.model))
-        self.store, self.resident = None, True
+        self.store, self.flat_store, self.resident = None, None, True
         self.offload()
 
+    def _buffers(self) -> list:
+        return [b for m in self.model for b in (*m.buffers, *getattr(m, "expert_parallel_buffers", []))]
+
     def _tensors(self) -> list:
-        return _dedupe(_unique_params(self.model) + optimizer_tensors(self.optimizer))
+        """What the store re-points: parameters and optimizer state, except views of the DDP
+        parameter buffers (under the distributed optimizer), which :class:`InPlaceStore` offloads."""
+        held = {b.param_data.untyped_storage().data_ptr() for b in self._buffers() if b.param_data is not None}
+        return [t for t in _dedupe(_unique_params(self.model) + optimizer_tensors(self.optimizer))
+                if t.untyped_storage().data_ptr() not in held]
 
     def state_bytes(self) -> int:
         """Bytes an offload frees: parameters, optimizer state and gradient buffers."""
-        grads = sum(b.grad_data.numel() * b.grad_data.element_size() for m in self.model for b in m.buffers)
-        return sum(t.numel() * t.element_size() for t in self._tensors()) + grads
+        flat = sum(x.numel() * x.element_size() for b in self._buffers() for x in (b.grad_data, b.param_data)
+                   if x is not None)
+        return sum(t.numel() * t.element_size() for t in self._tensors()) + flat
 
     def offload(self) -> None:
         if not self.resident:
@@ -94,18 +106,21 @@ class Critic(Offloadable):
         # the current bytes: a new file on CPU, the same pinned buffers on CUDA once Adam's state exists
         self.store = make_store(self._tensors(), path=self.path, reuse=self.store)
         self.store.offload()
-        for m in self.model:
-            for buf in m.buffers:
-                buf.offload_to_cpu(move_params=False, move_grads=True)
+        if self.flat_store is None:
+            self.flat_store = InPlaceStore([b.param_data for b in self._buffers() if b.param_data is not None],
+                                           path=self.path + ".buffers")
+        self.flat_store.offload()
+        for buf in self._buffers():
+            buf.offload_to_cpu(move_params=False, move_grads=True)
         return_memory_to_os()
         self.resident = False
 
     def onload(self) -> None:
         if self.resident:
             return
-        for m in self.model:
-            for buf in m.buffers:
-                buf.reload_from_cpu(move_params=False, move_grads=True)
+        for buf in self._buffers():
+            buf.reload_from_cpu(move_params=False, move_grads=True)
+        self.flat_store.onload()
         self.store.onload()
         self.resident = True
 

@@ -37,6 +37,7 @@ Usage::
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 from typing import Callable
 
@@ -80,14 +81,7 @@ class FileMappedStore:
         self.params, self.path = params, path
         self.spans, self.nbytes = file_offsets(params)
         self.meta = [(p.dtype, tuple(p.shape)) for p in params]
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "wb") as f:
-            for p, (off, _) in zip(params, self.spans):
-                f.seek(off)
-                f.write(memoryview(p.detach().contiguous().reshape(-1).view(torch.uint8).numpy()))  # (nbytes,)
-            f.truncate(self.nbytes)
-        os.replace(tmp, path)
+        _write_flat(params, path)
         self.resident = True  # the parameters still hold their original (anonymous) storage
         self._loaded_copy = True
 
@@ -167,6 +161,75 @@ def make_store(params: list, *, path: str, reuse=None):
             return reuse
         return PinnedHostStore(params)
     return FileMappedStore(params, path=path)
+
+
+class InPlaceStore:
+    """Offloads flat tensors *in place*: their storage is emptied (``untyped_storage().resize_(0)``)
+    and refilled on onload, so that every view of them stays valid. This is how a model under
+    the distributed optimizer leaves the device: its parameters are views of the DDP parameter
+    buffer, and the optimizer's fp32 shards are views of those (re-pointing ``param.data``, as the
+    other stores do, would cut both links). The bytes are taken afresh at every offload.
+
+    * CUDA: pinned host buffers, allocated once and refilled in place;
+    * CPU: a file written at each offload (atomically) and copied back on onload, the copy
+      being what a device transfer would be (the anonymous pages are freed while offloaded).
+    """
+
+    def __init__(self, tensors: list, *, path: str):
+        for t in tensors:
+            if t.storage_offset() or t.numel() * t.element_size() != t.untyped_storage().nbytes() or \
+                    not t.is_contiguous():
+                raise ValueError("InPlaceStore: every tensor must be its whole storage, contiguous; fix: pass the "
+                                 "buffers themselves (e.g. DDP's param_data), not views of them")
+        self.tensors, self.path = tensors, path
+        self.cuda = bool(tensors) and tensors[0].is_cuda
+        self.nbytes = [t.untyped_storage().nbytes() for t in tensors]
+        self.host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors] if self.cuda else None
+        self.resident = True
+
+    def offload(self) -> None:
+        if not self.resident or not self.tensors:
+            self.resident = False
+            return
+        if self.cuda:
+            for t, h in zip(self.tensors, self.host):
+                h.copy_(t)  # blocking: the storage is emptied next
+        else:
+            _write_flat(self.tensors, self.path)
+        for t in self.tensors:
+            t.untyped_storage().resize_(0)
+        self.resident = False
+
+    def onload(self) -> None:
+        if self.resident:
+            return
+        for t, n in zip(self.tensors, self.nbytes):
+            t.untyped_storage().resize_(n)
+        if self.cuda:
+            for t, h in zip(self.tensors, self.host):
+                t.copy_(h, non_blocking=True)  # ordered before the next kernel on the stream
+        else:
+            spans, total = file_offsets(self.tensors)
+            flat = torch.from_file(self.path, shared=False, size=total, dtype=torch.uint8)  # (total,)
+            for t, (off, n) in zip(self.tensors, spans):
+                t.view(-1).view(torch.uint8).copy_(flat[off:off + n])
+            del flat  # the private map goes: only the copies stay
+        self.resident = True
+
+
+def _write_flat(tensors: list, path: str) -> None:
+    """The bytes of ``tensors`` at :func:`file_offsets`, to ``path`` (written beside it, then renamed)."""
+    spans, total = file_offsets(tensors)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        for t, (off, n) in zip(tensors, spans):
+            f.seek(off)
+            c = t.detach().contiguous()
+            if n:  # the bytes in place: ``.numpy()`` would make the storage non-resizable (InPlaceStore)
+                f.write((ctypes.c_char * n).from_address(c.data_ptr()))
+        f.truncate(total)
+    os.replace(tmp, path)
 
 
 @contextlib.contextmanager

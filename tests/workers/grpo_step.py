@@ -131,7 +131,8 @@ def run_layout(path: str, hf, spec: str, batch, adv) -> dict:
     tp, pp, mini, *variant = spec.split(",")
     extra = {"naive": ["train.shared_prefix=false"], "kl": [f"algorithm.kl_coef={KL_COEF}"],
              "notis": ["algorithm.tis_cap=null"], "ppo": PPO,
-             "ppo_naive": [*PPO, "train.shared_prefix=false"], "ppo_kl": [*PPO, f"algorithm.kl_coef={KL_COEF}"]}.get(variant[0] if variant else "", [])
+             "ppo_naive": [*PPO, "train.shared_prefix=false"], "ppo_kl": [*PPO, f"algorithm.kl_coef={KL_COEF}"],
+             "ppo_distopt": [*PPO, "parallel.distributed_optimizer=true"]}.get(variant[0] if variant else "", [])
     cfg = load_config(overrides=[f"parallel.tp={tp}", f"parallel.pp={pp}", "parallel.backend=gloo",
                                  f"model.hf_path={path}", f"algorithm.group_size={G}", f"data.prompts_per_step={N}",
                                  f"algorithm.mini_batches={mini}", "train.micro_batch_groups=1", "train.lr=1e-3",
@@ -201,7 +202,8 @@ def run_ppo(cfg, hf, *, eng, topo, ref, batch, adv) -> dict:
     rss_back = rss_bytes()
     critic.offload()
     return {"steps": steps, "phases": phases, "microbatch_logp_max_diff": mb_diff, "kl_expected": kl_expected,
-            "critic": {"state_bytes": held, "rss_drop": rss_on - rss_off, "rss_rise": rss_back - rss_off}}
+            "critic": {"state_bytes": held, "rss_drop": rss_on - rss_off, "rss_rise": rss_back - rss_off,
+                       "in_place_bytes": sum(critic.flat_store.nbytes), "param_bytes": critic.param_bytes}}
 
 
 def _kl_figures(policy_logp: list, ref_logp: list, *, kl_coef: float) -> dict:
