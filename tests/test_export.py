@@ -111,3 +111,30 @@ def test_bad_inputs_fail_before_work_with_one_clear_line(tiny_models, tmp_path, 
     os.makedirs(out)
     line = _run_bad(["--src", str(good), "--out", out], capsys, monkeypatch)
     assert "already exists" in line and "--overwrite" in line, line
+
+
+def test_a_failed_export_leaves_no_output_and_a_finished_one_is_published(tiny_models, tmp_path, capsys,
+                                                                          monkeypatch):
+    """The launching parent owns the temporary DIR: its ranks die after writing tensors (rc -9, as
+    torchrun reports a SIGKILLed rank) -> no DIR, no temporary; they finish -> DIR holds it all."""
+    _step(tmp_path / "ckpt", 4, policy=_policy(tiny_models["llama"]))
+    out, seen = tmp_path / "hf", {}
+
+    def ranks(rc):
+        def run(argv, nproc):
+            tmp = argv[argv.index("--_tmp") + 1]
+            seen.update(argv=argv, nproc=nproc)
+            with open(os.path.join(tmp, "model.safetensors"), "wb") as f:
+                f.write(b"tensors")  # what a rank wrote
+            return rc
+        return run
+
+    argv = ["rl-to-hf", "--src", str(tmp_path / "ckpt"), "--out", str(out)]
+    monkeypatch.setattr(convert, "_torchrun", ranks(-9))
+    assert convert.main(argv) == -9
+    assert f"no output written to {out}" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]  # no DIR, no hidden temporary
+    assert seen["nproc"] == 4 and seen["argv"][-4:-2] == ["--step", "4"]  # the training layout; the step validated
+    monkeypatch.setattr(convert, "_torchrun", ranks(0))
+    assert convert.main(argv) == 0
+    assert sorted(os.listdir(tmp_path)) == ["ckpt", "hf"] and os.listdir(out) == ["model.safetensors"]

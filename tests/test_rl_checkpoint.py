@@ -17,9 +17,8 @@ the checkpoint holds the critic and its Adam state beside the policy's:
    step_3. ``megatron-rl convert rl-to-hf`` (the real CLI: its own torchrun at the training
    layout, 4 ranks) exports the newest step; transformers' greedy ``generate`` from the export
    gives the identical tokens, and its log-probs of them equal vLLM's (< 1e-4). Negative
-   control: the untrained source model generates other tokens for every prompt. Before that, an
-   export whose rank is SIGKILLed after writing the safetensors leaves no DIR and no temporary;
-   after it, exporting into the existing DIR is refused with one line.
+   control: the untrained source model generates other tokens for every prompt. Exporting again
+   into the existing DIR is refused with one line (a failed export: tests/test_export.py).
 GRPO's bitwise resume after a killed rank is tests/test_restarts.py.
 The distributed-optimizer round trip runs in the world-4 conversion launch of
 tests/test_checkpoint_multirank.py (test_distributed_optimizer_rl_checkpoint_round_trip).
@@ -145,10 +144,6 @@ def test_export_generates_exactly_what_vllm_generated(ppo_runs, tiny_models, cap
 
     tmp, ckpt, probe = ppo_runs["tmp"], ppo_runs["ckpt"], ppo_runs["greedy"]
     out = tmp / "hf"
-    # A crash mid-export (the rank dies once the safetensors are written) leaves no DIR, no temporary.
-    bad = _export(ckpt, out, "--tp", "1", "--pp", "1", env={"MEGATRON_RL_EXPORT_FAULT": "1"})
-    assert "SIGKILL" in bad.stderr and f"no output written to {out}" in bad.stderr, bad.stderr[-2000:]  # the hook fired
-    assert not [n for n in os.listdir(tmp) if n == "hf" or n.startswith(".hf.")], os.listdir(tmp)
     ok = _export(ckpt, out)  # the newest complete step, at its training layout (4 ranks)
     assert ok.returncode == 0, (ok.stdout + ok.stderr)[-3000:]
     assert {"config.json", "generation_config.json", "tokenizer.json", "model.safetensors"} <= set(os.listdir(out))

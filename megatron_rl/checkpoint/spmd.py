@@ -51,7 +51,6 @@ from megatron_rl.resharding.executor import Stats, run_plan, verify_checksums
 from megatron_rl.resharding.layout import Layout, ModelShape, hf_layout, megatron_layout, padded_vocab, uses_te_names
 from megatron_rl.resharding.planner import make_plan
 from megatron_rl.resharding.transport import TorchP2P
-from megatron_rl.runtime import faults
 
 
 TIMEOUT_S = 300.0  # the process group's and every transfer's bound (a rank may wait on rank 0's disk)
@@ -202,7 +201,6 @@ def write_hf(params: dict, layout: Layout, tmp: str, *, shape: ModelShape, hf_di
          dtype=dtype, bucket_bytes=bucket_bytes, verify=verify, progress=progress, desc="megatron->hf")
     if writer is not None:
         writer.close()
-        faults.fire("export:after_tensors", rank=0, out=tmp)
         hfio.copy_hf_extras(hf_dir, tmp)
         hfio.ensure_generation_config(tmp)
     coll.barrier()

@@ -12,10 +12,6 @@ Points:
   ``MEGATRON_RL_RANK_FAULT=<step>:<phase>:<rank>`` that rank SIGKILLs itself on entering that
   phase of that step, in the first attempt only (torchrun restarts). The environment is how a
   test reaches the ranks that a launch script starts.
-- ``"export:after_tensors"`` (``rank=, out=``): an HF export (``megatron-rl convert megatron-to-hf``
-  / ``rl-to-hf``) has written every safetensors shard into its temporary directory ``out``, and
-  not yet the config and tokenizer. Default hook: with ``MEGATRON_RL_EXPORT_FAULT=1`` the rank
-  SIGKILLs itself (a crash mid-export: no output may appear).
 - ``"train:end"`` (``rollout=, tokenizer=, rank=``): the last step is done and saved, and the
   rollout engine holds its weights (the last sync), awake. No default hook
   (tests/workers/ckpt_fault_cli.py records greedy generations there).
@@ -27,7 +23,6 @@ import signal
 from typing import Callable
 
 RANK_FAULT_ENV = "MEGATRON_RL_RANK_FAULT"
-EXPORT_FAULT_ENV = "MEGATRON_RL_EXPORT_FAULT"
 
 _hooks: dict[str, Callable[..., None]] = {}
 
@@ -56,10 +51,4 @@ def _rank_fault_from_env(*, step: int, phase: str, rank: int, attempt: int) -> N
         os.kill(os.getpid(), signal.SIGKILL)  # its status stays "running" in this phase and step
 
 
-def _export_fault_from_env(*, rank: int, out: str) -> None:
-    if os.environ.get(EXPORT_FAULT_ENV) == "1":
-        os.kill(os.getpid(), signal.SIGKILL)  # the safetensors are in ``out``; the config never gets there
-
-
-_DEFAULTS: dict[str, Callable[..., None]] = {"rank:phase": _rank_fault_from_env,
-                                             "export:after_tensors": _export_fault_from_env}
+_DEFAULTS: dict[str, Callable[..., None]] = {"rank:phase": _rank_fault_from_env}
