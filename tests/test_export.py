@@ -101,6 +101,10 @@ def test_bad_inputs_fail_before_work_with_one_clear_line(tiny_models, tmp_path, 
     old = tmp_path / "old"
     _step(old, 1)  # neither COMPLETE's policy nor a config.json
     cases["old, no config"] = ([str(old)], ["records no policy", "config.json"])
+    corrupt = tmp_path / "corrupt"
+    (_step(corrupt, 1, policy=_policy(llama)) / rl.COMPLETE).write_text("{not json")
+    cases["corrupt marker"] = ([str(corrupt)], ["step_1/COMPLETE: corrupt", "--step"])
+    cases["corrupt marker, step dir"] = ([str(corrupt / "step_1")], ["step_1/COMPLETE: corrupt"])
     cases["tp"] = ([str(good), "--tp", "3"], ["--tp 3"])
     cases["bucket"] = ([str(good), "--bucket-bytes", "100"], ["--bucket-bytes 100", "smaller than one row"])
     for name, (argv, needles) in cases.items():

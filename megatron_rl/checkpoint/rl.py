@@ -110,10 +110,18 @@ class PolicySource:
         return os.path.join(self.path, "dist")  # critic/ holds PPO's value model: never the policy
 
 
+def _marked_step(path: str) -> int:
+    try:
+        return int(read_complete(path)["step"])
+    except (ValueError, KeyError, TypeError):
+        raise CheckpointError(f"{path}/{COMPLETE}: corrupt, no step in it; fix: pass the run's checkpoint.dir "
+                              "and --step") from None
+
+
 def _pick_step(root: str, step: Optional[int]) -> tuple[int, str]:
     """``(step, path)`` of the requested (or newest) complete checkpoint under ``root``."""
     if os.path.isfile(os.path.join(root, COMPLETE)):  # a step_<k> directory itself
-        got = int(read_complete(root).get("step", -1))
+        got = _marked_step(root)
         if step is not None and step != got:
             raise CheckpointError(f"--step {step}: --src {root} is the checkpoint of step {got}; fix: pass its "
                                   "parent directory (checkpoint.dir) with --step, or drop --step")
@@ -143,7 +151,12 @@ def policy_source(root: str, *, step: Optional[int] = None, hf_dir: Optional[str
     if not os.path.isfile(os.path.join(path, "dist", "metadata.json")):
         raise CheckpointError(f"{path}/dist/metadata.json: missing, the policy's shards are incomplete; "
                               "fix: export another step (--step)")
-    pol = read_complete(path).get("policy") or _policy_from_config(path)
+    try:
+        pol = read_complete(path).get("policy")
+    except (ValueError, AttributeError) as e:  # not JSON, or not an object
+        raise CheckpointError(f"{path}/{COMPLETE}: corrupt ({type(e).__name__}); fix: export another step "
+                              "(--step)") from None
+    pol = pol or _policy_from_config(path)
     hf = os.path.abspath(hf_dir or pol["hf_path"])
     if not os.path.isfile(os.path.join(hf, "config.json")):
         raise CheckpointError(f"{hf}/config.json: missing, the policy's HF source is not here; fix: pass "
