@@ -4,7 +4,8 @@ input before any process starts (no processes here).
 Which step (the newest complete one, ``--step``, or a ``step_<k>`` directory given as ``--src``),
 which HF source (recorded in ``COMPLETE``; from ``config.json`` for a checkpoint saved before
 that; ``--hf-config`` overrides) and which layout (the training layout, ``--tp/--pp`` override)
-are checked on fake checkpoints; every refusal is one line naming the flag or file and the fix.
+are checked on fake checkpoints; every refusal is one line naming the flag or file and the fix;
+a failed export leaves no DIR; an export always carries a generation_config.json.
 The export itself, compared with vLLM's generations, is in tests/test_rl_checkpoint.py.
 """
 import json
@@ -13,6 +14,7 @@ import os
 import pytest
 
 from megatron_rl.checkpoint import CheckpointError, convert, rl
+from megatron_rl.checkpoint import hf as hfio
 
 pytestmark = pytest.mark.unit
 
@@ -142,3 +144,15 @@ def test_a_failed_export_leaves_no_output_and_a_finished_one_is_published(tiny_m
     monkeypatch.setattr(convert, "_torchrun", ranks(0))
     assert convert.main(argv) == 0
     assert sorted(os.listdir(tmp_path)) == ["ckpt", "hf"] and os.listdir(out) == ["model.safetensors"]
+
+
+def test_an_export_always_has_a_generation_config(tiny_models, tmp_path):
+    src = tiny_models["llama"]
+    d = tmp_path / "hf"
+    os.makedirs(d)
+    for name in ("config.json", "tokenizer.json"):
+        (d / name).write_bytes(open(os.path.join(src, name), "rb").read())
+    assert hfio.ensure_generation_config(str(d)) is True
+    gen, cfg = json.load(open(d / "generation_config.json")), json.load(open(d / "config.json"))
+    assert gen["eos_token_id"] == cfg["eos_token_id"] and gen["bos_token_id"] == cfg["bos_token_id"]
+    assert hfio.ensure_generation_config(str(d)) is False  # one that exists is kept (the source's)
