@@ -116,10 +116,10 @@ def test_resume_is_bitwise_and_survives_kill_during_save(ppo_runs):
                               "param_dtype": "float32"}, meta
 
 
-def _export(src, out, *extra, env=None):
+def _export(src, out):
     """The real CLI, as a user runs it: it validates, launches its own torchrun, publishes."""
     return run_group([sys.executable, "-m", "megatron_rl.cli", "convert", "rl-to-hf", "--src", str(src),
-                      "--out", str(out), "--no-progress", *extra], env=launch_env(**(env or {})), timeout=600)
+                      "--out", str(out), "--no-progress"], env=launch_env(), timeout=600)
 
 
 def _greedy(model, prompt: list, n: int) -> list:
