@@ -52,7 +52,7 @@ from megatron_rl.resharding.vllm_layout import vllm_layout
 from megatron_rl.rewards import compute_rewards, get_reward
 from megatron_rl.rollout.base import Sampling
 from megatron_rl.rollout.vllm_engine import VllmEngine
-from megatron_rl.runtime import run_rank
+from megatron_rl.runtime import faults, run_rank
 from megatron_rl.runtime.rank import restart_count
 from megatron_rl.runtime.report import restart_line
 from megatron_rl.runtime.resources import resource_metrics
@@ -398,6 +398,7 @@ def train(cfg: Config, *, hf_config, rt=None) -> dict:
         ev_first, ev_last, ev_gain = reward_gain(explained)
         log.print(f"critic explained variance first 20%: {ev_first:.4f}  last 20%: {ev_last:.4f}  rise: {ev_gain:+.4f}")
     log.close()
+    faults.fire("train:end", rollout=rollout, tokenizer=job.tokenizer, rank=job.rank)  # test seam; a no-op
     if job.rank == 0 and L.jsonl:  # the PNG next to metrics.jsonl (one line instead without matplotlib)
         log.print(end_of_run_plot(L.run_dir))
     # Megatron's state only: vLLM's shutdown at exit destroys its groups and the default one.

@@ -6,7 +6,8 @@
   of models built by :mod:`megatron_rl.models`, with a small metadata file beside them, and
   fills a model's shard from HF (:func:`~.megatron.load_hf_into`).
 - :mod:`.convert` is the ``megatron-rl convert`` tool and :mod:`.spmd` its per-rank part:
-  HF -> Megatron at any TP/PP, Megatron -> HF, and Megatron(TP a, PP b) -> Megatron(TP c, PP d),
+  HF -> Megatron at any TP/PP, Megatron -> HF (an RL checkpoint's policy too: ``rl-to-hf``, located
+  by :func:`.rl.policy_source`), and Megatron(TP a, PP b) -> Megatron(TP c, PP d),
   all through canonical (HF-named) regions of :mod:`megatron_rl.resharding.layout`; the last two
   are plans run by the live sync's executor (:mod:`megatron_rl.resharding.executor`).
 

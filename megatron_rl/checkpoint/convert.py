@@ -1,6 +1,6 @@
-"""``megatron-rl convert``: HF <-> Megatron checkpoint conversion and offline reshard.
+"""``megatron-rl convert``: HF <-> Megatron checkpoint conversion, offline reshard, and RL export.
 
-Three modes, all through canonical (HF-named) regions of the layout algebra
+Four modes, all through canonical (HF-named) regions of the layout algebra
 (:mod:`megatron_rl.resharding.layout`), so there is one code path, not one per case:
 
 - ``hf-to-megatron``: every rank builds its megatron-core model (``megatron_rl.models``), fills
@@ -10,7 +10,12 @@ Three modes, all through canonical (HF-named) regions of the layout algebra
   plan from that layout to the HF layout (every tensor whole, on rank 0) runs through the live
   sync's executor in buckets of ``--bucket-bytes`` into safetensors shards;
 - ``reshard``: Megatron(TP a, PP b) -> Megatron(TP c, PP d) by the plan between the two layouts,
-  in one torchrun of lcm(a*b, c*d) ranks.
+  in one torchrun of lcm(a*b, c*d) ranks;
+- ``rl-to-hf``: the trained policy of an RL checkpoint (``checkpoint.dir`` of ``megatron-rl
+  train``; the newest complete step, or ``--step``) as an HF model: ``megatron-to-hf`` on the
+  policy's dist checkpoint (its optimizer state, the critic and the reference are not read), at the
+  layout it was trained at, with the config, tokenizer and generation config of the run's
+  ``model.hf_path`` (recorded in the checkpoint's ``COMPLETE``).
 
 ``--verify`` (export and reshard) compares every moved slice's checksum at its source and its
 destination and fails on any difference.
@@ -22,6 +27,7 @@ number. Outputs are written to a hidden temporary sibling and renamed when compl
     megatron-rl convert hf-to-megatron --src runs/tiny-llama --out runs/llama-tp2pp2 --tp 2 --pp 2
     megatron-rl convert megatron-to-hf --src runs/llama-tp2pp2 --out runs/llama-hf
     megatron-rl convert reshard --src runs/llama-tp2pp2 --out runs/llama-tp1pp1 --tp 1 --pp 1 --verify
+    megatron-rl convert rl-to-hf --src runs/demo/ckpt --out runs/demo-hf
 """
 from __future__ import annotations
 
@@ -37,7 +43,7 @@ import torch.distributed as dist
 from megatron_rl.checkpoint import CheckpointError
 from megatron_rl.checkpoint import hf as hfio
 from megatron_rl.checkpoint import megatron as mio
-from megatron_rl.checkpoint import publish, spmd
+from megatron_rl.checkpoint import publish, rl, spmd
 from megatron_rl.parallel.grid import LayoutError, RankGrid
 from megatron_rl.resharding.layout import megatron_layout
 
@@ -52,15 +58,17 @@ def parse_args(argv):
     h2m = sub.add_parser("hf-to-megatron", help="HF safetensors -> Megatron dist checkpoint at --tp/--pp")
     m2h = sub.add_parser("megatron-to-hf", help="Megatron dist checkpoint -> HF safetensors (transformers-loadable)")
     rsh = sub.add_parser("reshard", help="Megatron(TP a, PP b) -> Megatron(--tp, --pp)")
+    r2h = sub.add_parser("rl-to-hf", help="RL checkpoint of `megatron-rl train` -> HF model of its trained policy")
     for p, src in ((h2m, "HF model directory (config.json, model*.safetensors, tokenizer)"),
                    (m2h, "Megatron checkpoint directory written by this tool"),
-                   (rsh, "Megatron checkpoint directory written by this tool")):
+                   (rsh, "Megatron checkpoint directory written by this tool"),
+                   (r2h, "the run's checkpoint.dir (holding step_<k>/), or one step_<k> directory")):
         p.add_argument("--src", required=True, help=src)
         p.add_argument("--out", required=True, help="output directory; must not exist (written atomically)")
         p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
         p.add_argument("--_tmp", dest="tmp", help=argparse.SUPPRESS)  # set by the launching parent
-    for p in (m2h, rsh):
+    for p in (m2h, rsh, r2h):
         p.add_argument("--bucket-bytes", type=int, default=spmd.BUCKET_BYTES,
                        help=f"bytes per rank and bucket of the move (default {spmd.BUCKET_BYTES}, as sync.bucket_bytes)")
         p.add_argument("--verify", action="store_true", help="compare every moved slice's checksums (one all-reduce)")
@@ -71,9 +79,11 @@ def parse_args(argv):
                      help="pad the vocab to a multiple of lcm(this, TP) (default 128, as Megatron-LM)")
     h2m.add_argument("--param-dtype", choices=("float32", "bfloat16", "float16"),
                      help="dtype of the Megatron parameters (default: the HF tensors' dtype)")
-    m2h.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
-                     help="dtype of the HF tensors (default: the source HF model's dtype)")
-    m2h.add_argument("--max-shard-size", type=float, default=5.0, help="GiB per safetensors shard (default 5)")
+    for p in (m2h, r2h):
+        p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                       help="dtype of the HF tensors (default: the source HF model's dtype)")
+        p.add_argument("--max-shard-size", type=float, default=5.0, help="GiB per safetensors shard (default 5)")
+    _rl_args(r2h)
     m2h.add_argument("--hf-config", help="for a plain megatron-core dist checkpoint (no megatron_rl.json, e.g. saved "
                      "by a training job): the HF directory with its config.json and tokenizer")
     m2h.add_argument("--tp", type=int, default=1, help="with --hf-config: TP to load at (any valid; default 1)")
@@ -81,6 +91,14 @@ def parse_args(argv):
     m2h.add_argument("--vocab-divisible-by", type=int, default=128,
                      help="with --hf-config: the vocab padding the checkpoint was saved with (default 128)")
     return ap.parse_args(argv)
+
+
+def _rl_args(r2h) -> None:
+    r2h.add_argument("--step", type=int, help="the step to export (default: the newest complete checkpoint)")
+    r2h.add_argument("--hf-config", help="the HF directory with the trained model's config.json and tokenizer "
+                     "(default: the run's model.hf_path, recorded in the checkpoint)")
+    r2h.add_argument("--tp", type=int, help="TP to load the policy at (default: the layout it was trained at)")
+    r2h.add_argument("--pp", type=int, help="PP to load the policy at (default: the layout it was trained at)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,6 +140,8 @@ def validate(args) -> dict:
     """Check inputs and output; return what the workers need. Raises CheckpointError."""
 
     publish.check_output_dir(args.out, overwrite=args.overwrite)
+    if args.mode == "rl-to-hf":
+        return _validate_rl(args)
     if args.mode == "hf-to-megatron":
         ckpt = hfio.open_hf(args.src)
         check_layout(ckpt.shape, tp=args.tp, pp=args.pp, vocab_divisible_by=args.vocab_divisible_by)
@@ -136,6 +156,22 @@ def validate(args) -> dict:
                     why=f"lcm(source TP*PP, TP*PP) = lcm({a}, {b}) = {nproc}")
     check_bucket(meta.model_shape, bucket_bytes=args.bucket_bytes, dtype=args.dtype or meta.hf_dtype)
     return dict(tp=meta.tp, pp=meta.pp, shape=meta.model_shape, meta=meta, nproc=meta.tp * meta.pp)
+
+
+def rl_export(args) -> tuple[rl.PolicySource, dict]:
+    """The RL checkpoint's policy and :func:`~.spmd.megatron_to_hf`'s arguments that export it."""
+    src = rl.policy_source(args.src, step=args.step, hf_dir=args.hf_config)
+    kw = dict(hf_dir=src.hf_dir, tp=src.tp if args.tp is None else args.tp, pp=src.pp if args.pp is None else args.pp,
+              vocab_divisible_by=src.vocab_divisible_by, param_dtype=src.param_dtype, model_key=rl.POLICY_KEY)
+    return src, kw
+
+
+def _validate_rl(args) -> dict:
+    src, kw = rl_export(args)
+    meta = mio.plain_meta(src.dist_dir, **{k: v for k, v in kw.items() if k != "model_key"})
+    check_layout(meta.model_shape, tp=meta.tp, pp=meta.pp, vocab_divisible_by=meta.vocab_divisible_by)
+    check_bucket(meta.model_shape, bucket_bytes=args.bucket_bytes, dtype=args.dtype or meta.hf_dtype)
+    return dict(tp=meta.tp, pp=meta.pp, shape=meta.model_shape, meta=meta, nproc=meta.tp * meta.pp, step=src.step)
 
 
 def _meta_for(args):
@@ -163,7 +199,8 @@ def launch(args, info: dict) -> int:
 
     tmp = publish.make_partial_dir(args.out)
     try:
-        rc = _torchrun(args.raw_argv + ["--_tmp", tmp], info["nproc"])
+        pin = ["--step", str(info["step"])] if args.mode == "rl-to-hf" else []  # the step validated, even if
+        rc = _torchrun(args.raw_argv + pin + ["--_tmp", tmp], info["nproc"])  # the run saves a newer one meanwhile
         if rc != 0:
             print(f"error: convert {args.mode} failed (exit {rc}); no output written to {args.out}", file=sys.stderr)
             return rc
@@ -179,17 +216,22 @@ def run_spmd(args) -> int:
     """On every rank under torchrun: run the conversion, then tear the process group down."""
 
 
-    if args.mode == "hf-to-megatron":
+    mode, src = args.mode, args.src
+    if mode == "hf-to-megatron":
         kw = dict(tp=args.tp, pp=args.pp, vocab_divisible_by=args.vocab_divisible_by, param_dtype=args.param_dtype)
-    elif args.mode == "reshard":
+    elif mode == "reshard":
         kw = dict(tp=args.tp, pp=args.pp, bucket_bytes=args.bucket_bytes, verify=args.verify)
     else:
         kw = dict(dtype=args.dtype, max_shard_bytes=int(args.max_shard_size * 2**30), bucket_bytes=args.bucket_bytes,
                   verify=args.verify)
-        if args.hf_config:
+        if mode == "rl-to-hf":  # the policy's dist checkpoint, as a plain one (its HF source named)
+            policy, more = rl_export(args)
+            mode, src = "megatron-to-hf", policy.dist_dir
+            kw.update(more)
+        elif args.hf_config:
             kw.update(hf_dir=args.hf_config, tp=args.tp, pp=args.pp, vocab_divisible_by=args.vocab_divisible_by)
     try:
-        spmd.convert(args.mode, src=args.src, out=args.out, overwrite=args.overwrite, tmp=args.tmp,
+        spmd.convert(mode, src=src, out=args.out, overwrite=args.overwrite, tmp=args.tmp,
                      progress=not args.no_progress, **kw)
         if args.tmp is None and dist.get_rank() == 0:
             print(f"wrote {args.out}")

@@ -333,3 +333,14 @@ def copy_hf_extras(src_dir: str, dst_dir: str) -> list[str]:
         shutil.copyfile(src, os.path.join(dst_dir, name))
         copied.append(name)
     return copied
+
+
+def ensure_generation_config(hf_dir: str) -> bool:
+    """Write ``generation_config.json`` from ``config.json`` when the directory has none (HF's
+    defaults for that model: its bos/eos/pad ids). Returns True if it wrote one."""
+    if os.path.isfile(os.path.join(hf_dir, "generation_config.json")):
+        return False
+    from transformers import GenerationConfig  # lazy: only an export without one needs it
+
+    GenerationConfig.from_model_config(AutoConfig.from_pretrained(hf_dir)).save_pretrained(hf_dir)
+    return True

@@ -113,11 +113,12 @@ def read_meta(ckpt_dir: str) -> MegatronMeta:
     return meta
 
 
-def plain_meta(ckpt_dir: str, *, hf_dir: str, tp: int = 1, pp: int = 1, vocab_divisible_by: int = 128) -> MegatronMeta:
+def plain_meta(ckpt_dir: str, *, hf_dir: str, tp: int = 1, pp: int = 1, vocab_divisible_by: int = 128,
+               param_dtype: Optional[str] = None) -> MegatronMeta:
     """Metadata for a plain megatron-core dist checkpoint (saved by another job) from its HF config.
 
     Its global tensors do not depend on the saved layout, so ``tp``/``pp`` only pick the layout
-    to load it at.
+    to load it at. ``param_dtype``: the dtype it was saved in (default: the HF config's).
     """
 
     ckpt_dir = os.path.abspath(ckpt_dir)
@@ -127,7 +128,8 @@ def plain_meta(ckpt_dir: str, *, hf_dir: str, tp: int = 1, pp: int = 1, vocab_di
     cfg = _load_config(hf_dir)
     shape = ModelShape.from_hf_config(cfg)
     dtype = str(getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None) or "float32").replace("torch.", "")
-    return MegatronMeta(tp=tp, pp=pp, vocab_divisible_by=vocab_divisible_by, param_dtype=dtype, hf_dtype=dtype,
+    return MegatronMeta(tp=tp, pp=pp, vocab_divisible_by=vocab_divisible_by, param_dtype=param_dtype or dtype,
+                        hf_dtype=dtype,
                         padded_vocab=padded_vocab(shape.vocab, divisible_by=vocab_divisible_by, tp=tp),
                         shape=dict(shape.__dict__), versions={})
 
@@ -164,12 +166,17 @@ def save_model(model, ckpt_dir: str) -> None:
     dist_checkpointing.save(unwrap(model).sharded_state_dict(), ckpt_dir)
 
 
-def load_model(model, ckpt_dir: str) -> None:
-    """Load ``ckpt_dir`` into ``model`` at the model's own layout (collective; strict)."""
+def load_model(model, ckpt_dir: str, *, key: Optional[str] = None) -> None:
+    """Load ``ckpt_dir`` into ``model`` at the model's own layout (collective; strict).
+
+    ``key``: the checkpoint holds the model under that key beside other state (``"model"`` in an
+    RL checkpoint and in Megatron-LM's, next to ``"optimizer"``, which is then not read).
+    """
     from megatron.core import dist_checkpointing  # lazy: keeps vLLM/megatron out of CLI start-up
 
     m = unwrap(model)
-    state = dist_checkpointing.load(m.sharded_state_dict(), ckpt_dir)
+    state = dist_checkpointing.load({key: m.sharded_state_dict()} if key else m.sharded_state_dict(), ckpt_dir)
+    state = state[key] if key else state
     missing, unexpected = m.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:

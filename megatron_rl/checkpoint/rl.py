@@ -9,7 +9,9 @@ A checkpoint directory ``<root>/step_<k>`` holds
   megatron's model-parallel RNG tracker);
 - ``state.pt``: the step and the caller's ``extra`` (data position, reward history, ...);
 - ``config.json``: the config the run used (when given);
-- ``COMPLETE``: written last, with metadata (step, world size, time, versions).
+- ``COMPLETE``: written last, with metadata (step, world size, time, versions, and ``policy``:
+  the source HF model's absolute path and the layout and dtype the policy was saved at, which
+  ``megatron-rl convert rl-to-hf`` needs to export it; see :func:`policy_source`).
 
 Saves are atomic. Every rank writes into ``<root>/step_<k>.tmp-<uuid>``; after all ranks report
 success (a barrier under the process-group timeout), rank 0 writes ``COMPLETE``, fsyncs, and
@@ -25,6 +27,10 @@ Usage (every rank, collective)::
 
     save_rl_checkpoint("runs/x/ckpt", step=9, model=chunks, optimizer=opt, extra={"data": ds.state_dict()})
     got = load_rl_checkpoint("runs/x/ckpt", model=chunks, optimizer=opt)   # None, or (step, extra)
+
+and, in one process, what an export needs (the critic in ``critic/`` is never the policy)::
+
+    src = policy_source("runs/x/ckpt", step=None)     # the newest complete step; its dist/ and HF dir
 """
 from __future__ import annotations
 
@@ -47,10 +53,12 @@ from megatron_rl.checkpoint import megatron as mio
 from megatron_rl.checkpoint.publish import publish_marked
 from megatron_rl.compat import megatron_distopt
 from megatron_rl.parallel import collectives as coll
+from megatron_rl.parallel.topology import model_shard
 from megatron_rl.runtime import faults
 
 
 COMPLETE = "COMPLETE"
+POLICY_KEY = "model"  # the policy's key in dist/ (beside "optimizer"), as megatron-training's
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _TMP_DIR = re.compile(r"^step_\d+\.tmp-[0-9a-f]+(\.old)?$")  # .old: a replaced step (publish_dir)
 FORMAT_VERSION = 1
@@ -81,6 +89,94 @@ def latest_checkpoint(root: str) -> Optional[str]:
 def read_complete(path: str) -> dict:
     with open(os.path.join(path, COMPLETE)) as f:
         return json.load(f)
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicySource:
+    """An RL checkpoint's policy, as an export reads it: ``dist`` (megatron-core dist checkpoint
+    of the policy, beside its optimizer state), the HF directory of its config and tokenizer,
+    and the layout and dtype it was saved at."""
+
+    step: int
+    path: str  # the step_<k> directory
+    hf_dir: str
+    tp: int
+    pp: int
+    vocab_divisible_by: int
+    param_dtype: str
+
+    @property
+    def dist_dir(self) -> str:
+        return os.path.join(self.path, "dist")  # critic/ holds PPO's value model: never the policy
+
+
+def _marked_step(path: str) -> int:
+    try:
+        return int(read_complete(path)["step"])
+    except (ValueError, KeyError, TypeError):
+        raise CheckpointError(f"{path}/{COMPLETE}: corrupt, no step in it; fix: pass the run's checkpoint.dir "
+                              "and --step") from None
+
+
+def _pick_step(root: str, step: Optional[int]) -> tuple[int, str]:
+    """``(step, path)`` of the requested (or newest) complete checkpoint under ``root``."""
+    if os.path.isfile(os.path.join(root, COMPLETE)):  # a step_<k> directory itself
+        got = _marked_step(root)
+        if step is not None and step != got:
+            raise CheckpointError(f"--step {step}: --src {root} is the checkpoint of step {got}; fix: pass its "
+                                  "parent directory (checkpoint.dir) with --step, or drop --step")
+        return got, root
+    if not os.path.isdir(root):
+        raise CheckpointError(f"--src {root}: does not exist; fix: pass the run's checkpoint.dir (the directory "
+                              "holding step_<k>/)")
+    found = dict(complete_checkpoints(root))
+    if not found:
+        half = sorted(n for n in os.listdir(root) if n.startswith("step_"))
+        raise CheckpointError(f"--src {root}: no complete checkpoint (step_<k>/{COMPLETE})"
+                              + (f", only half-written {half[:3]}" if half else "")
+                              + "; fix: pass the run's checkpoint.dir, after a save finished (checkpoint.save_every)")
+    if step is None:
+        step = max(found)
+    if step not in found:
+        raise CheckpointError(f"--step {step}: no complete checkpoint step_{step} under {root} (complete steps: "
+                              f"{sorted(found)}); fix: pass one of them, or drop --step for the newest")
+    return step, found[step]
+
+
+def policy_source(root: str, *, step: Optional[int] = None, hf_dir: Optional[str] = None) -> PolicySource:
+    """Validate the policy of checkpoint ``root`` (``checkpoint.dir`` or one ``step_<k>``; the
+    newest complete step unless ``step``) for export, before any process starts. ``hf_dir``
+    overrides the recorded HF source (config and tokenizer). Raises :class:`CheckpointError`."""
+    step, path = _pick_step(os.path.abspath(root), step)
+    if not os.path.isfile(os.path.join(path, "dist", "metadata.json")):
+        raise CheckpointError(f"{path}/dist/metadata.json: missing, the policy's shards are incomplete; "
+                              "fix: export another step (--step)")
+    try:
+        pol = read_complete(path).get("policy")
+    except (ValueError, AttributeError) as e:  # not JSON, or not an object
+        raise CheckpointError(f"{path}/{COMPLETE}: corrupt ({type(e).__name__}); fix: export another step "
+                              "(--step)") from None
+    pol = pol or _policy_from_config(path)
+    hf = os.path.abspath(hf_dir or pol["hf_path"])
+    if not os.path.isfile(os.path.join(hf, "config.json")):
+        raise CheckpointError(f"{hf}/config.json: missing, the policy's HF source is not here; fix: pass "
+                              "--hf-config DIR, the HF model the run trained (its config.json and tokenizer)")
+    return PolicySource(step=step, path=path, hf_dir=hf, tp=int(pol["tp"]), pp=int(pol["pp"]),
+                        vocab_divisible_by=int(pol["vocab_divisible_by"]), param_dtype=str(pol["param_dtype"]))
+
+
+def _policy_from_config(path: str) -> dict:
+    """A checkpoint saved before ``COMPLETE`` recorded ``policy``: the same facts from its config.json."""
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            cfg = json.load(f) or {}
+        return {"hf_path": cfg["model"]["hf_path"], "tp": cfg["parallel"]["tp"], "pp": cfg["parallel"]["pp"],
+                "vocab_divisible_by": cfg["model"]["make_vocab_size_divisible_by"],
+                "param_dtype": cfg["model"]["dtype"]}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}/{COMPLETE}: records no policy and config.json cannot supply it "
+                              f"({type(e).__name__}: {e}); fix: export with the run that saved it, or re-save "
+                              "the checkpoint with this version") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,7 +217,7 @@ def _chunks(model) -> list:
 def _model_sharded(chunks: list) -> dict:
     """megatron-training's layout: ``model`` for one chunk, ``model0..`` for virtual PP chunks."""
     if len(chunks) == 1:
-        return {"model": mio.unwrap(chunks[0]).sharded_state_dict()}
+        return {POLICY_KEY: mio.unwrap(chunks[0]).sharded_state_dict()}
     return {f"model{i}": mio.unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
 
 
@@ -140,6 +236,18 @@ def _sharded_state(chunks: list, optimizer, *, is_loading: bool) -> dict:
         model_sd = {k: v for k, v in state.items()}
         state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=meta)
     return state
+
+
+def _policy_meta(chunks: list, config) -> Optional[dict]:
+    """What rebuilds the policy without the run: its HF source (absolute) and saved layout."""
+    model_cfg = getattr(config, "model", None)
+    if model_cfg is None:  # saved without the run's config (a test's direct save)
+        return None
+    shard = model_shard(chunks[0])
+    dtype = next(iter(mio.local_params(chunks[0]).values())).dtype
+    return {"hf_path": os.path.abspath(model_cfg.hf_path), "tp": shard.tp, "pp": shard.pp,
+            "vocab_divisible_by": model_cfg.make_vocab_size_divisible_by,
+            "param_dtype": str(dtype).replace("torch.", "")}
 
 
 def _config_dict(config) -> Optional[dict]:
@@ -212,7 +320,8 @@ def save_rl_checkpoint(root: str, *, step: int, model, optimizer, extra: Optiona
     final = os.path.join(root, f"step_{step}")
     if rank == 0:
         publish_marked(tmp, final, marker=COMPLETE, meta={"step": step, "world_size": world, "time": time.time(),
-                                   "format_version": FORMAT_VERSION, "versions": mio.versions()})
+                                   "format_version": FORMAT_VERSION, "versions": mio.versions(),
+                                   "policy": _policy_meta(_chunks(model), config)})
         _prune(root, keep=keep, current=final)
     coll.barrier()
     return final
@@ -226,7 +335,7 @@ def _load_model_and_optimizer(path: str, chunks: list, optimizer, *, sub: str = 
     from megatron.core import dist_checkpointing  # lazy: keeps vLLM/megatron out of CLI start-up
 
     loaded = dist_checkpointing.load(_sharded_state(chunks, optimizer, is_loading=True), os.path.join(path, sub))
-    keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
+    keys = [POLICY_KEY] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
     for key, chunk in zip(keys, chunks):
         missing, unexpected = mio.unwrap(chunk).load_state_dict(loaded[key], strict=False)
         missing = [k for k in missing if not k.endswith("_extra_state")]

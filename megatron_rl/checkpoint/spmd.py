@@ -166,22 +166,25 @@ def hf_to_megatron(src: str, tmp: str, *, tp: int, pp: int, vocab_divisible_by: 
 
 
 def load_megatron(src: str, *, tp: Optional[int] = None, pp: Optional[int] = None, hf_dir: Optional[str] = None,
-                  vocab_divisible_by: int = 128):
+                  vocab_divisible_by: int = 128, param_dtype: Optional[str] = None, model_key: Optional[str] = None):
     """Parallel state + model with checkpoint ``src`` loaded (collective); layout defaults to the saved one.
 
-    ``hf_dir`` marks ``src`` as a plain megatron-core dist checkpoint (no megatron_rl.json):
-    the model comes from that HF config, at ``tp``/``pp`` (default 1/1).
+    ``hf_dir`` marks ``src`` as a plain megatron-core dist checkpoint (no megatron_rl.json, e.g.
+    an RL checkpoint's ``dist/``, whose optimizer state is not read): the model comes from that
+    HF config, at ``tp``/``pp`` (default 1/1), in ``param_dtype`` (default the HF config's);
+    ``model_key``: the key the model is saved under (``"model"`` beside an optimizer's state).
     """
 
     if hf_dir is None:
         meta = mio.read_meta(src)
         hf_dir = os.path.join(os.path.abspath(src), mio.HF_SUBDIR)
     else:
-        meta = mio.plain_meta(src, hf_dir=hf_dir, tp=tp or 1, pp=pp or 1, vocab_divisible_by=vocab_divisible_by)
+        meta = mio.plain_meta(src, hf_dir=hf_dir, tp=tp or 1, pp=pp or 1, vocab_divisible_by=vocab_divisible_by,
+                              param_dtype=param_dtype)
     model, params, layout = setup_model(AutoConfig.from_pretrained(hf_dir), tp=tp or meta.tp, pp=pp or meta.pp,
                                         dtype=hfio.torch_dtype(meta.param_dtype),
                                         vocab_divisible_by=meta.vocab_divisible_by)
-    mio.load_model(model, src)
+    mio.load_model(model, src, key=model_key)
     return meta, model, params, layout
 
 
@@ -199,6 +202,7 @@ def write_hf(params: dict, layout: Layout, tmp: str, *, shape: ModelShape, hf_di
     if writer is not None:
         writer.close()
         hfio.copy_hf_extras(hf_dir, tmp)
+        hfio.ensure_generation_config(tmp)
     coll.barrier()
 
 
@@ -208,14 +212,17 @@ def _nothing_delivered(name: str, shard: torch.Tensor) -> None:
 
 def megatron_to_hf(src: str, tmp: str, *, dtype: Optional[str] = None, max_shard_bytes: int = 5 * 2**30,
                    hf_dir: Optional[str] = None, tp: Optional[int] = None, pp: Optional[int] = None,
-                   vocab_divisible_by: int = 128, bucket_bytes: int = BUCKET_BYTES, verify: bool = False,
-                   progress: bool = False) -> None:
-    """Dist checkpoint ``src`` -> HF safetensors + config + tokenizer in ``tmp`` (collective).
+                   vocab_divisible_by: int = 128, param_dtype: Optional[str] = None, model_key: Optional[str] = None,
+                   bucket_bytes: int = BUCKET_BYTES, verify: bool = False, progress: bool = False) -> None:
+    """Dist checkpoint ``src`` -> HF safetensors + config + generation config + tokenizer in ``tmp``
+    (collective).
 
-    ``hf_dir``/``tp``/``pp``/``vocab_divisible_by``: for a plain dist checkpoint, see :func:`load_megatron`.
+    ``hf_dir``/``tp``/``pp``/``vocab_divisible_by``/``param_dtype``/``model_key``: for a plain dist checkpoint
+    (an RL checkpoint's policy too), see :func:`load_megatron`.
     """
 
-    meta, model, params, layout = load_megatron(src, hf_dir=hf_dir, tp=tp, pp=pp, vocab_divisible_by=vocab_divisible_by)
+    meta, model, params, layout = load_megatron(src, hf_dir=hf_dir, tp=tp, pp=pp, vocab_divisible_by=vocab_divisible_by,
+                                                param_dtype=param_dtype, model_key=model_key)
     write_hf(params, layout, tmp, shape=meta.model_shape,
              hf_dir=hf_dir or os.path.join(os.path.abspath(src), mio.HF_SUBDIR),
              dtype=hfio.torch_dtype(dtype or meta.hf_dtype), max_shard_bytes=max_shard_bytes,

@@ -12,6 +12,9 @@ Points:
   ``MEGATRON_RL_RANK_FAULT=<step>:<phase>:<rank>`` that rank SIGKILLs itself on entering that
   phase of that step, in the first attempt only (torchrun restarts). The environment is how a
   test reaches the ranks that a launch script starts.
+- ``"train:end"`` (``rollout=, tokenizer=, rank=``): the last step is done and saved, and the
+  rollout engine holds its weights (the last sync), awake. No default hook
+  (tests/workers/ckpt_fault_cli.py records greedy generations there).
 """
 from __future__ import annotations
 
