@@ -16,6 +16,7 @@ VARIANTS = {
     "llama": ("llama", False), "llama-tied": ("llama", True),
     "qwen2": ("qwen2", True), "qwen2-untied": ("qwen2", False),
     "qwen3": ("qwen3", False), "qwen3-tied": ("qwen3", True),
+    "qwen3-moe": ("qwen3_moe", False),
 }
 
 

@@ -34,7 +34,7 @@ def pytest_collection_modifyitems(config, items):
 def tiny_models():
     """Paths of every tiny model variant, built once per test session (deterministic by seed).
 
-    Keys: "llama", "llama-tied", "qwen2" (tied), "qwen2-untied", "qwen3", "qwen3-tied".
+    Keys: "llama", "llama-tied", "qwen2" (tied), "qwen2-untied", "qwen3", "qwen3-tied", "qwen3-moe".
     """
     from _launch import tiny_model_paths
 

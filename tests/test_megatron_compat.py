@@ -221,3 +221,36 @@ def test_patch7_is_applied_on_gpu_too(monkeypatch):
     from megatron_rl import parallel
 
     assert "megatron_compat.apply_for(cuda=torch.cuda.is_available())" in inspect.getsource(parallel.init_distributed)
+
+
+def test_patch10_moe_modules_get_the_cpu_torch():
+    td = _mod("megatron.core.transformer.moe.token_dispatcher")
+    assert "torch.cuda.Stream()" in inspect.getsource(td.MoEAlltoAllTokenDispatcher.__init__)
+    router = _mod("megatron.core.transformer.moe.router")
+    assert "torch.cuda.current_device()" in inspect.getsource(router.Router.gating)
+    assert td.torch is not torch and router.torch is not torch
+    td.torch.cuda.Stream().wait_stream(td.torch.cuda.current_stream())  # the null stream, no CUDA
+    assert torch.ones(1).to(device=router.torch.cuda.current_device()).device.type == "cpu"
+
+
+def test_patch11_router_gemm_without_te():
+    moe_utils = _mod("megatron.core.transformer.moe.moe_utils")
+    assert "te_general_gemm is not None" in inspect.getsource(moe_utils.RouterGatingLinearFunction.forward)
+    assert moe_utils.HAVE_TE is False and moe_utils.te_general_gemm is None
+    x, w = torch.randn(3, 4), torch.randn(5, 4)
+    out = moe_utils.router_gating_linear(x, w, None, torch.float32)
+    assert torch.allclose(out, x @ w.t())  # independent: the plain product
+
+
+def test_patch12_split_sizes_become_numpy_on_cpu():
+    import numpy as np
+
+    moe_utils = _mod("megatron.core.transformer.moe.moe_utils")
+    td = _mod("megatron.core.transformer.moe.token_dispatcher")
+    original = moe_utils.maybe_move_tensor_to_cpu.__wrapped__
+    assert "tensor.is_cuda" in inspect.getsource(original)
+    assert torch.is_tensor(original(torch.tensor([1, 2]), as_numpy=True))  # the upstream behaviour on CPU
+    assert td.maybe_move_tensor_to_cpu is moe_utils.maybe_move_tensor_to_cpu  # rebound where it is used
+    got = td.maybe_move_tensor_to_cpu(torch.tensor([1, 2]), as_numpy=True)
+    assert isinstance(got, np.ndarray) and got.tolist() == [1, 2]
+    assert torch.is_tensor(td.maybe_move_tensor_to_cpu(torch.tensor([3])))  # as_numpy=False: unchanged

@@ -211,8 +211,9 @@ def load_hf_into(chunks: list, hf_path: str, *, topo: Optional[Topology] = None,
     shape = ModelShape.from_hf_config(hf_config) if hf_config is not None else ckpt.shape
     params = local_params(model)
     c = topo.shard if topo is not None else model_shard(model)
-    local = megatron_rank_tensors(shape, tp=c.tp, pp=c.pp, tp_rank=c.tp_rank, pp_rank=c.pp_rank,
-                                  vocab_divisible_by=vocab_divisible_by, te_names=uses_te_names(params))
+    local = megatron_rank_tensors(shape, tp=c.tp, pp=c.pp, tp_rank=c.tp_rank, pp_rank=c.pp_rank, ep=c.ep,
+                                  ep_rank=c.ep_rank, vocab_divisible_by=vocab_divisible_by,
+                                  te_names=uses_te_names(params))
     if skip:
         local = {k: v for k, v in local.items() if not k.startswith(skip)}
         params = {k: v for k, v in params.items() if not k.startswith(skip)}

@@ -35,6 +35,13 @@ The patches (each one is checked by tests/test_megatron_compat.py, which fails i
    a fresh optimizer and ``load_state_dict()`` shares one ``step`` tensor between all params;
    see ``megatron_distopt.patch_load``. ``get_parameter_state_dp_zero`` calls ``Tensor.cuda()``
    (removed from its source, patch 5).
+10. *MoE on CPU*: the all-to-all token dispatcher makes a ``torch.cuda.Stream()`` in
+    ``__init__``, the router moves its weight to ``torch.cuda.current_device()``: the MoE
+    modules get the CPU ``torch`` namespace (patches 3, 5, 6).
+11. *``te_general_gemm`` undefined without Transformer Engine* (``moe_utils``): the router's
+    gating GEMM tests ``te_general_gemm is not None``, but the name exists only when TE imports
+    (NameError otherwise). Set to None, so the router takes its own ``torch.mm`` path. (A GPU
+    without TE would need it too; GPU runs here use TE, and without TE this is applied only on CPU.)
 
 Usage::
 
@@ -76,6 +83,13 @@ PROXIED_MODULES = (
     "megatron.core.transformer.transformer_layer",
     "megatron.core.transformer.transformer_block",
     "megatron.core.transformer.mlp",
+    # MoE (patch 10): the all-to-all dispatcher's device-to-host stream and events, the router's
+    # and permutation's device="cuda" factories.
+    "megatron.core.transformer.moe.moe_layer",
+    "megatron.core.transformer.moe.router",
+    "megatron.core.transformer.moe.experts",
+    "megatron.core.transformer.moe.moe_utils",
+    "megatron.core.transformer.moe.token_dispatcher",
     "megatron.core.models.gpt.gpt_model",
     "megatron.core.models.common.embeddings.rotary_pos_embedding",
     "megatron.core.models.common.embeddings.rope_utils",
@@ -370,6 +384,24 @@ def _rebind(old, new) -> None:
 # --- entry point -----------------------------------------------------------------------------
 
 
+def _patch_moe() -> None:
+    """Patches 11 and 12: ``te_general_gemm = None`` where TE did not define it; numpy split sizes on CPU."""
+    moe_utils = importlib.import_module("megatron.core.transformer.moe.moe_utils")
+    importlib.import_module("megatron.core.transformer.moe.token_dispatcher")  # loaded, so _rebind reaches it
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+    original = moe_utils.maybe_move_tensor_to_cpu
+
+    def maybe_move_tensor_to_cpu(tensor, as_numpy=False, record_stream=False):
+        out = original(tensor, as_numpy=as_numpy, record_stream=record_stream)
+        if as_numpy and torch.is_tensor(out) and out.device.type == "cpu":
+            out = out.numpy()
+        return out
+
+    maybe_move_tensor_to_cpu.__wrapped__ = original
+    _rebind(original, maybe_move_tensor_to_cpu)
+
+
 def check_version() -> str:
     """Refuse an untested megatron-core (one line); returns the installed version."""
     from megatron.core import package_info  # lazy: keeps vLLM/megatron out of CLI start-up
@@ -419,5 +451,6 @@ def apply(*, force: bool = False) -> bool:
     for modname, qualname, repl in SOURCE_REWRITES:
         rewrite_function(importlib.import_module(modname), qualname, repl)
     patch_load()
+    _patch_moe()
     setattr(marker, _MARK, True)
     return True

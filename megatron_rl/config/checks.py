@@ -57,7 +57,7 @@ def check_world(cfg, world_size: int) -> None:
         _fail("parallel.world_size", f"config expects {p.world_size} ranks but the launch has {world_size}",
               f"launch {p.world_size} processes (NNODES x NPROC_PER_NODE) or set parallel.world_size={world_size}")
     try:
-        RankGrid(world_size=world_size, tp=p.tp, pp=p.pp, cp=p.cp).check_rollout_tp(r.tp)
+        RankGrid(world_size=world_size, tp=p.tp, pp=p.pp, cp=p.cp, ep=p.ep).check_rollout_tp(r.tp)
     except LayoutError as e:
         raise config_error_from(e, field_name="parallel", fix="choose degrees that divide the world size") from None
     # Every DP rank must train the same number of groups per optimizer step, or the
@@ -71,11 +71,12 @@ def check_world(cfg, world_size: int) -> None:
 
 def check_model(cfg, *, num_attention_heads: int, num_key_value_heads: int, vocab_size: int, num_layers: int,
                 max_position_embeddings: Optional[int] = None, hidden_size: Optional[int] = None,
-                intermediate_size: Optional[int] = None, head_dim: Optional[int] = None) -> None:
+                intermediate_size: Optional[int] = None, head_dim: Optional[int] = None,
+                moe: Optional[MoeShape] = None) -> None:
     """Checks that need the model's shape: both frameworks' layouts of it must exist.
 
     Sizes a caller does not know (``hidden_size``, ``intermediate_size``, ``head_dim``) get
-    neutral stand-ins that every degree divides.
+    neutral stand-ins that every degree divides. ``moe`` (None: dense) decides ``parallel.ep``.
     """
     p, r = cfg.parallel, cfg.rollout
     if max_position_embeddings is not None and r.max_model_len > max_position_embeddings:
@@ -85,11 +86,12 @@ def check_model(cfg, *, num_attention_heads: int, num_key_value_heads: int, voca
         _fail("model.hf_path", f"vocab_size={vocab_size}", "point model.hf_path at a valid HF model")
     neutral = math.lcm(p.tp, r.tp)
     shape = ModelShape(hidden=hidden_size or 1, heads=num_attention_heads, kv_heads=num_key_value_heads,
-                       head_dim=head_dim or 1, ffn=intermediate_size or neutral, layers=num_layers, vocab=vocab_size)
+                       head_dim=head_dim or 1, ffn=intermediate_size or neutral, layers=num_layers, vocab=vocab_size,
+                       moe=moe)
     try:
         for pp_rank in range(p.pp):
             for tp_rank in range(p.tp):
-                megatron_rank_tensors(shape, tp=p.tp, pp=p.pp, tp_rank=tp_rank, pp_rank=pp_rank,
+                megatron_rank_tensors(shape, tp=p.tp, pp=p.pp, tp_rank=tp_rank, pp_rank=pp_rank, ep=p.ep,
                                       vocab_divisible_by=cfg.model.make_vocab_size_divisible_by)
         for tp_rank in range(r.tp):
             vllm_rank_tensors(shape, tp=r.tp, tp_rank=tp_rank)
@@ -100,10 +102,11 @@ def check_model(cfg, *, num_attention_heads: int, num_key_value_heads: int, voca
 def check_hf_config(cfg, hf_config) -> None:
     """:func:`check_model` with the shape read from a transformers config object, its RoPE and
     (when it names one) its architecture."""
+    moe = None
     try:
         rope_spec(hf_config)
         if getattr(hf_config, "architectures", None):
-            ModelShape.from_hf_config(hf_config)  # refuses an unsupported architecture
+            moe = ModelShape.from_hf_config(hf_config).moe  # refuses an unsupported architecture
     except RopeError as e:
         _fail("model.hf_path", f"{cfg.model.hf_path} config.json: {e.problem}", e.fix)
     except LayoutError as e:
@@ -116,7 +119,7 @@ def check_hf_config(cfg, hf_config) -> None:
                 max_position_embeddings=getattr(hf_config, "max_position_embeddings", None),
                 hidden_size=getattr(hf_config, "hidden_size", None),
                 intermediate_size=getattr(hf_config, "intermediate_size", None),
-                head_dim=getattr(hf_config, "head_dim", None))
+                head_dim=getattr(hf_config, "head_dim", None), moe=moe)
 
 
 def check_files(cfg) -> None:

@@ -50,6 +50,7 @@ class ParallelConfig:
     tp: int = 1
     pp: int = 1
     cp: int = 1
+    ep: int = 1  # expert parallelism (MoE models only): experts split over ep ranks taken from cp x dp
     sequence_parallel: bool = False
     distributed_optimizer: bool = False
     world_size: Optional[int] = None  # if set, the launch must match it exactly
@@ -57,7 +58,7 @@ class ParallelConfig:
     timeout_s: float = 300.0  # every collective in our code runs under this timeout
 
     def __post_init__(self):
-        _positive("parallel", tp=self.tp, pp=self.pp, cp=self.cp)
+        _positive("parallel", tp=self.tp, pp=self.pp, cp=self.cp, ep=self.ep)
         if self.backend not in ("auto", "gloo", "nccl"):
             _fail("parallel.backend", f"unknown backend {self.backend!r}", "use auto, gloo or nccl")
         if self.sequence_parallel and self.tp == 1:

@@ -1,4 +1,4 @@
-"""HF architectures (Llama, Qwen2, Qwen3) as megatron-core GPT models.
+"""HF architectures (Llama, Qwen2, Qwen3, Qwen3-MoE) as megatron-core GPT models.
 
 :func:`megatron_config` maps an HF config to a ``TransformerConfig``; :func:`layer_spec`
 picks megatron's local spec on CPU or the Transformer Engine spec where TE imports;
@@ -193,6 +193,8 @@ def megatron_config(hf_config, *, parallel, dtype=torch.float32, recompute: str 
         # Llama's attention_bias also puts a bias on o_proj, which the layout does not carry.
         raise LayoutError("model config: attention_bias=true is not supported for Llama; fix: use attention_bias=false")
     on_cpu = not torch.cuda.is_available()
+    if shape.moe is not None:
+        check_moe_parallel(parallel, gloo=on_cpu)
     _, attention_factor = rope_inv_freq(hf_config)
     # YaRN scales cos and sin by attention_factor, i.e. every q.k score by its square.
     softmax_scale = None if attention_factor == 1.0 else attention_factor ** 2 / math.sqrt(shape.head_dim)
@@ -211,7 +213,42 @@ def megatron_config(hf_config, *, parallel, dtype=torch.float32, recompute: str 
         apply_rope_fusion=False, bias_activation_fusion=False, masked_softmax_fusion=False,
         bias_dropout_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False,
         cross_entropy_loss_fusion=False, use_cpu_initialization=on_cpu, **RECOMPUTE[recompute],
+        **moe_config(shape, ep=parallel.ep),
     )
+
+
+def check_moe_parallel(parallel, *, gloo: bool) -> None:
+    """megatron-core's rules for an MoE model's TP: sequence parallel with it, and (measured) not
+    on gloo: the all-to-all dispatcher all-gathers uneven token counts over TP, which gloo's
+    allgather refuses ("invalid tensor size")."""
+    if parallel.tp > 1 and gloo:
+        raise LayoutError.of("parallel.tp", f"{parallel.tp} with an MoE model is not supported on CPU (gloo: "
+                             "megatron's token dispatcher all-gathers uneven sizes over TP)",
+                             "use parallel.tp=1 and parallel.ep for the experts on CPU")
+    if parallel.tp > 1 and not parallel.sequence_parallel:
+        raise LayoutError.of("parallel.sequence_parallel", "false with an MoE model at parallel.tp > 1 "
+                             "(megatron-core requires it)", "set parallel.sequence_parallel=true")
+
+
+def moe_config(shape: ModelShape, *, ep: int) -> dict:
+    """megatron-core's MoE settings for ``shape`` at expert parallelism ``ep`` ({} for a dense model).
+
+    Qwen3-MoE routes by softmax over all experts, then top-k; with ``norm_topk_prob`` the k weights
+    are renormalised, which is megatron's top-k-then-softmax (``moe_router_pre_softmax=False``);
+    without it megatron's softmax-then-top-k (``pre_softmax=True``). Load balancing is megatron's
+    per-layer auxiliary loss (``aux_loss``) with HF's ``router_aux_loss_coef``; HF computes its
+    loss once over all layers' router logits, so the two differ in value (not in aim). Tokens move
+    with the all-to-all dispatcher (gloo on CPU); experts are megatron's SequentialMLP (local
+    spec) or TEGroupedMLP (TE spec: :func:`layer_spec`). Expert TP equals TP."""
+    moe = shape.moe
+    if moe is None:
+        return {}
+    return dict(num_moe_experts=moe.experts, moe_router_topk=moe.topk, moe_ffn_hidden_size=moe.ffn,
+                moe_router_pre_softmax=not moe.norm_topk, moe_router_score_function="softmax",
+                moe_router_load_balancing_type="aux_loss" if moe.aux_loss_coef > 0 else "none",
+                moe_aux_loss_coeff=moe.aux_loss_coef, moe_token_dispatcher_type="alltoall",
+                expert_model_parallel_size=ep, moe_router_dtype="fp32",
+                moe_permute_fusion=False)
 
 
 def layer_spec(tf_config, *, backend: Optional[str] = None, core_attention=None):
@@ -225,10 +262,13 @@ def layer_spec(tf_config, *, backend: Optional[str] = None, core_attention=None)
 
     if backend is None:
         backend = "te" if te_available() else "local"
+    # MoE experts: TE's grouped GEMM (TEGroupedMLP) under TE, megatron's SequentialMLP in the local spec.
+    experts = dict(num_experts=tf_config.num_moe_experts, moe_grouped_gemm=backend == "te")
     if backend == "te":
-        spec = specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=tf_config.qk_layernorm)
+        spec = specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=tf_config.qk_layernorm, **experts)
     elif backend == "local":
-        spec = specs.get_gpt_layer_local_spec(qk_layernorm=tf_config.qk_layernorm, normalization="RMSNorm")
+        spec = specs.get_gpt_layer_local_spec(qk_layernorm=tf_config.qk_layernorm, normalization="RMSNorm",
+                                              **experts)
         if core_attention is None and tf_config.context_parallel_size > 1:
             core_attention = CPDotProductAttention
     else:

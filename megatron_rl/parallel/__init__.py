@@ -64,7 +64,7 @@ def check_layout(parallel, *, world_size: int) -> RankGrid:
     if parallel.world_size is not None and parallel.world_size != world_size:
         raise LayoutError(f"parallel.world_size={parallel.world_size} but the launch has {world_size} ranks; "
                           f"fix: launch {parallel.world_size} processes or set parallel.world_size={world_size}")
-    grid = RankGrid(world_size=world_size, tp=parallel.tp, pp=parallel.pp, cp=parallel.cp)
+    grid = RankGrid(world_size=world_size, tp=parallel.tp, pp=parallel.pp, cp=parallel.cp, ep=parallel.ep)
     if parallel.sequence_parallel and parallel.tp == 1:
         raise LayoutError("parallel.sequence_parallel needs parallel.tp > 1; fix: set tp >= 2 or disable it")
     return grid
@@ -116,8 +116,8 @@ def init_distributed(parallel, *, world_size: Optional[int] = None, seed: int = 
     before = set(_live_groups())
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tp, pipeline_model_parallel_size=parallel.pp,
-        context_parallel_size=parallel.cp, distributed_timeout_minutes=parallel.timeout_s / 60.0,
-        order="tp-cp-ep-dp-pp")
+        context_parallel_size=parallel.cp, expert_model_parallel_size=parallel.ep,
+        distributed_timeout_minutes=parallel.timeout_s / 60.0, order="tp-cp-ep-dp-pp")
     _OWNED.extend(g for g in _live_groups() if g not in before)  # freed by destroy_distributed
     control = _control_group(timeout)
     topo = Topology.build(grid, rank=torch.distributed.get_rank(), rollout_tp=rollout_tp,
@@ -151,7 +151,8 @@ def _check_ranks(topo: Topology, parallel_state) -> None:
     got = TrainCoord(tp=parallel_state.get_tensor_model_parallel_rank(),
                      cp=parallel_state.get_context_parallel_rank(),
                      dp=parallel_state.get_data_parallel_rank(),
-                     pp=parallel_state.get_pipeline_model_parallel_rank())
+                     pp=parallel_state.get_pipeline_model_parallel_rank(),
+                     ep=parallel_state.get_expert_model_parallel_rank())
     if got != c:
         raise RuntimeError(f"rank grid {c} disagrees with megatron's parallel state {got}")
     pp = torch.distributed.get_process_group_ranks(topo.pp_group)
@@ -184,7 +185,8 @@ def fake_rank(parallel, *, world_size: int, rank: int, rollout_tp: int = 1):
     try:
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=parallel.tp, pipeline_model_parallel_size=parallel.pp,
-            context_parallel_size=parallel.cp, order="tp-cp-ep-dp-pp", create_gloo_process_groups=False)
+            context_parallel_size=parallel.cp, expert_model_parallel_size=parallel.ep, order="tp-cp-ep-dp-pp",
+            create_gloo_process_groups=False)
         topo = Topology.build(grid, rank=rank, rollout_tp=rollout_tp,
                               pg_collection=ProcessGroupCollection.use_mpu_process_groups(), control_group=None)
         _check_ranks(topo, parallel_state)

@@ -59,12 +59,14 @@ class RolloutGrid:
 
 @dataclass(frozen=True)
 class ShardCoord:
-    """Which weight shard a rank holds: its tp and pp ranks and the two degrees."""
+    """Which weight shard a rank holds: its tp, pp (and, for experts, ep) ranks and the degrees."""
 
     tp: int
     tp_rank: int
     pp: int
     pp_rank: int
+    ep: int = 1
+    ep_rank: int = 0
 
 
 @dataclass(frozen=True)
@@ -105,7 +107,7 @@ class Topology:
     @property
     def shard(self) -> ShardCoord:
         c = self.coord
-        return ShardCoord(tp=self.grid.tp, tp_rank=c.tp, pp=self.grid.pp, pp_rank=c.pp)
+        return ShardCoord(tp=self.grid.tp, tp_rank=c.tp, pp=self.grid.pp, pp_rank=c.pp, ep=self.grid.ep, ep_rank=c.ep)
 
     @property
     def world_size(self) -> int:
@@ -142,7 +144,9 @@ def model_groups(model):
 def model_shard(model) -> ShardCoord:
     """The weight shard of a megatron model, from the tp and pp groups it was built with."""
     pg = model_groups(model)
-    return ShardCoord(tp=group_size(pg.tp), tp_rank=group_rank(pg.tp), pp=group_size(pg.pp), pp_rank=group_rank(pg.pp))
+    ep = getattr(pg, "ep", None)
+    return ShardCoord(tp=group_size(pg.tp), tp_rank=group_rank(pg.tp), pp=group_size(pg.pp), pp_rank=group_rank(pg.pp),
+                      ep=group_size(ep), ep_rank=group_rank(ep))
 
 
 def group_rank(group: Optional[Any]) -> int:

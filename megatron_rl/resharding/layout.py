@@ -166,6 +166,9 @@ class LayerNames:
     o_proj: str
     gate_up: str
     down: str
+    router: str = ""  # MoE: the router's weight; experts' gate_up / down with ``{e}`` = local expert index
+    expert_gate_up: str = ""
+    expert_down: str = ""
 
 
 MEGATRON_LAYER = LayerNames(
@@ -176,22 +179,60 @@ MEGATRON_LAYER = LayerNames(
     k_norm="decoder.layers.{i}.self_attention.k_layernorm.weight",
     o_proj="decoder.layers.{i}.self_attention.linear_proj.weight",
     gate_up="decoder.layers.{i}.mlp.linear_fc1.weight",
-    down="decoder.layers.{i}.mlp.linear_fc2.weight")
+    down="decoder.layers.{i}.mlp.linear_fc2.weight",
+    router="decoder.layers.{i}.mlp.router.weight",
+    expert_gate_up="decoder.layers.{i}.mlp.experts.local_experts.{e}.linear_fc1.weight",
+    expert_down="decoder.layers.{i}.mlp.experts.local_experts.{e}.linear_fc2.weight")
 # Transformer Engine fuses the two norms into the following linear layers.
 MEGATRON_TE_LAYER = dataclasses.replace(
     MEGATRON_LAYER, input_norm="decoder.layers.{i}.self_attention.linear_qkv.layer_norm_weight",
     post_norm="decoder.layers.{i}.mlp.linear_fc1.layer_norm_weight")
 
 
+def mlp_tensors(src: str, *, ffn: int, hidden: int, gate_up: str, down: str, tp: int,
+                tp_rank: int) -> dict[str, LocalTensor]:
+    """One SwiGLU MLP (dense, or one expert) at ``tp_rank`` of ``tp``: ``gate_up`` is the fused
+    ``[gate_r; up_r]`` (rows), ``down`` splits along dim 1. ``src`` is the HF prefix of its
+    ``gate_proj`` / ``up_proj`` / ``down_proj``."""
+    f = ffn // tp
+    fused = split_blocks(src + "gate_proj.weight", total=ffn, parts=tp, index=tp_rank) + \
+        split_blocks(src + "up_proj.weight", total=ffn, parts=tp, index=tp_rank, local_offset=f)
+    return {gate_up: LocalTensor(gate_up, (2 * f, hidden), 0, fused),
+            down: LocalTensor(down, (hidden, f), 1,
+                              split_blocks(src + "down_proj.weight", total=ffn, parts=tp, index=tp_rank))}
+
+
+def experts_of(shape: ModelShape, *, ep: int, ep_rank: int) -> range:
+    """The global experts that expert-parallel rank ``ep_rank`` of ``ep`` holds: a contiguous run."""
+    n = shape.moe.experts // ep
+    return range(ep_rank * n, (ep_rank + 1) * n)
+
+
+def moe_tensors(shape: ModelShape, *, names: LayerNames, src: str, local_layer: int, tp: int, tp_rank: int,
+                experts: range) -> dict[str, LocalTensor]:
+    """An MoE MLP: the replicated router (HF ``mlp.gate``) and, for each local expert ``j`` of
+    ``experts``, HF expert ``experts[j]`` as one :func:`mlp_tensors` split over ``tp`` (expert TP)."""
+    moe, i = shape.moe, local_layer
+    out = {}
+    router = names.router.format(i=i)
+    out[router] = replicated(router, src + "mlp.gate.weight", (moe.experts, shape.hidden))
+    for j, e in enumerate(experts):
+        out.update(mlp_tensors(f"{src}mlp.experts.{e}.", ffn=moe.ffn, hidden=shape.hidden, tp=tp, tp_rank=tp_rank,
+                               gate_up=names.expert_gate_up.format(i=i, e=j), down=names.expert_down.format(i=i, e=j)))
+    return out
+
+
 def layer_tensors(shape: ModelShape, *, names: LayerNames, layer: int, local_layer: int, tp: int, tp_rank: int,
-                  q_heads: range, kv_heads: list[int], interleave: bool) -> dict[str, LocalTensor]:
+                  q_heads: range, kv_heads: list[int], interleave: bool,
+                  experts: range = range(0)) -> dict[str, LocalTensor]:
     """The local tensors of one decoder layer at ``tp_rank`` of ``tp``, for any framework.
 
     The framework enters only through ``names`` and the QKV arrangement (``q_heads``,
     ``kv_heads``, ``interleave``: see :func:`qkv_blocks`). Norms are replicated; o_proj and
-    down_proj split along dim 1; gate/up are fused as ``[gate_r; up_r]``.
+    down_proj split along dim 1; gate/up are fused as ``[gate_r; up_r]``. An MoE model's MLP is
+    :func:`moe_tensors` over this rank's ``experts``.
     """
-    h, d, f = shape.hidden, shape.head_dim, shape.ffn // tp
+    h, d = shape.hidden, shape.head_dim
     src = f"model.layers.{layer}."
     out: dict[str, LocalTensor] = {}
 
@@ -213,11 +254,12 @@ def layer_tensors(shape: ModelShape, *, names: LayerNames, layer: int, local_lay
     qdim = shape.heads * d
     add(LocalTensor(local(names.o_proj), (h, qdim // tp), 1,
                     split_blocks(src + "self_attn.o_proj.weight", total=qdim, parts=tp, index=tp_rank)))
-    gate_up = split_blocks(src + "mlp.gate_proj.weight", total=shape.ffn, parts=tp, index=tp_rank) + \
-        split_blocks(src + "mlp.up_proj.weight", total=shape.ffn, parts=tp, index=tp_rank, local_offset=f)
-    add(LocalTensor(local(names.gate_up), (2 * f, h), 0, gate_up))
-    add(LocalTensor(local(names.down), (h, f), 1,
-                    split_blocks(src + "mlp.down_proj.weight", total=shape.ffn, parts=tp, index=tp_rank)))
+    if shape.moe is not None:
+        out.update(moe_tensors(shape, names=names, src=src, local_layer=local_layer, tp=tp, tp_rank=tp_rank,
+                               experts=experts))
+    else:
+        out.update(mlp_tensors(src + "mlp.", ffn=shape.ffn, hidden=h, gate_up=local(names.gate_up),
+                               down=local(names.down), tp=tp, tp_rank=tp_rank))
     return out
 
 
@@ -227,27 +269,55 @@ def uses_te_names(param_names) -> bool:
     return any(n.endswith(("linear_qkv.layer_norm_weight", "linear_fc1.layer_norm_weight")) for n in param_names)
 
 
+# Megatron's MoE layer under Transformer Engine: the norm before the MoE MLP stays separate, and the
+# grouped experts (TEGroupedMLP) hold expert j as ``linear_fc1.weight{j}`` (TE GroupedLinear).
+MEGATRON_TE_MOE_LAYER = dataclasses.replace(
+    MEGATRON_TE_LAYER, post_norm=MEGATRON_LAYER.post_norm,
+    expert_gate_up="decoder.layers.{i}.mlp.experts.linear_fc1.weight{e}",
+    expert_down="decoder.layers.{i}.mlp.experts.linear_fc2.weight{e}")
+
+
+def check_experts(shape: ModelShape, *, ep: int) -> None:
+    """The expert-parallel rules of the model: EP needs experts, and whole experts per EP rank."""
+    if shape.moe is None:
+        if ep > 1:
+            raise LayoutError.of("parallel.ep", f"{ep} needs a mixture-of-experts model ({shape.arch} is dense)",
+                                 "set parallel.ep=1")
+        return
+    if shape.moe.experts % ep:
+        raise LayoutError.of("parallel.ep", f"{ep} does not divide num_experts={shape.moe.experts}",
+                             "choose a parallel.ep that divides the number of experts")
+
+
 def megatron_layer_tensors(shape: ModelShape, *, tp: int, tp_rank: int, layer: int, local_layer: int,
-                           te_names: bool = False) -> dict[str, LocalTensor]:
+                           te_names: bool = False, ep: int = 1, ep_rank: int = 0) -> dict[str, LocalTensor]:
     """The local tensors of one transformer layer at ``tp_rank`` of ``tp``: whole query groups per rank,
-    each stored as ``[its q heads | k | v]``."""
+    each stored as ``[its q heads | k | v]``. An MoE layer holds expert-parallel rank ``ep_rank``'s
+    experts (:func:`experts_of`), each split over the same ``tp`` (megatron's expert TP = TP)."""
     if shape.kv_heads % tp or shape.heads % tp:  # whole query groups per rank (then heads divide too)
         raise LayoutError(f"parallel.tp={tp} does not divide num_query_groups={shape.kv_heads} (heads={shape.heads}); "
                           "fix: choose a tp that divides the kv heads", field="parallel.tp",
                           problem=f"{tp} does not divide num_key_value_heads (query groups)={shape.kv_heads}",
                           fix="choose a parallel.tp that divides the kv heads")
-    if shape.ffn % tp:
-        raise LayoutError.of("parallel.tp", f"{tp} does not divide intermediate_size={shape.ffn}",
-                             "choose a parallel.tp that divides intermediate_size")
+    check_experts(shape, ep=ep)
+    ffn, key = (shape.ffn, "intermediate_size") if shape.moe is None else (shape.moe.ffn, "moe_intermediate_size")
+    if ffn % tp:
+        raise LayoutError.of("parallel.tp", f"{tp} does not divide {key}={ffn}",
+                             f"choose a parallel.tp that divides {key}")
     ng = shape.kv_heads // tp
-    return layer_tensors(shape, names=MEGATRON_TE_LAYER if te_names else MEGATRON_LAYER, layer=layer,
-                         local_layer=local_layer, tp=tp, tp_rank=tp_rank, q_heads=range(0),
-                         kv_heads=list(range(tp_rank * ng, (tp_rank + 1) * ng)), interleave=True)
+    names = MEGATRON_LAYER
+    if te_names:
+        names = MEGATRON_TE_LAYER if shape.moe is None else MEGATRON_TE_MOE_LAYER
+    experts = experts_of(shape, ep=ep, ep_rank=ep_rank) if shape.moe is not None else range(0)
+    return layer_tensors(shape, names=names, layer=layer, local_layer=local_layer, tp=tp, tp_rank=tp_rank,
+                         q_heads=range(0), kv_heads=list(range(tp_rank * ng, (tp_rank + 1) * ng)), interleave=True,
+                         experts=experts)
 
 
 def megatron_rank_tensors(shape: ModelShape, *, tp: int, pp: int, tp_rank: int, pp_rank: int,
-                          vocab_divisible_by: int = 128, te_names: bool = False) -> dict[str, LocalTensor]:
-    """Every local tensor of one Megatron (tp_rank, pp_rank), named as ``GPTModel.named_parameters``."""
+                          vocab_divisible_by: int = 128, te_names: bool = False, ep: int = 1,
+                          ep_rank: int = 0) -> dict[str, LocalTensor]:
+    """Every local tensor of one Megatron (tp_rank, pp_rank, ep_rank), named as ``GPTModel.named_parameters``."""
     if shape.layers % pp:
         raise LayoutError.of("parallel.pp", f"{pp} does not divide num_hidden_layers={shape.layers}",
                              "choose a parallel.pp that divides the layer count")
@@ -261,7 +331,7 @@ def megatron_rank_tensors(shape: ModelShape, *, tp: int, pp: int, tp_rank: int, 
                                                               vocab_blocks)
     for j in range(per_stage):
         out.update(megatron_layer_tensors(shape, tp=tp, tp_rank=tp_rank, layer=pp_rank * per_stage + j,
-                                          local_layer=j, te_names=te_names))
+                                          local_layer=j, te_names=te_names, ep=ep, ep_rank=ep_rank))
     if pp_rank == pp - 1:
         out["decoder.final_layernorm.weight"] = replicated("decoder.final_layernorm.weight", "model.norm.weight", (h,))
         # Tied with PP=1: the output layer *is* the embedding (no separate parameter). Tied with
@@ -275,12 +345,14 @@ def megatron_rank_tensors(shape: ModelShape, *, tp: int, pp: int, tp_rank: int, 
 
 def megatron_layout(shape: ModelShape, grid: RankGrid, *, vocab_divisible_by: int = 128,
                     te_names: bool = False) -> Layout:
-    """Megatron's layout over a whole world; DP and CP replicas hold identical tensors."""
+    """Megatron's layout over a whole world; DP and CP replicas hold identical tensors, except that
+    an MoE model's experts differ between the expert-parallel ranks (``grid.ep``)."""
     lay = Layout("megatron", shape.canonical_shapes())
     for rank in range(grid.world_size):
         c = grid.coords(rank)
         lay.ranks[rank] = megatron_rank_tensors(shape, tp=grid.tp, pp=grid.pp, tp_rank=c.tp, pp_rank=c.pp,
-                                                vocab_divisible_by=vocab_divisible_by, te_names=te_names)
+                                                vocab_divisible_by=vocab_divisible_by, te_names=te_names,
+                                                ep=grid.ep, ep_rank=c.ep)
     return lay
 
 

@@ -66,7 +66,12 @@ def vllm_kv_heads(shape: ModelShape, *, tp: int, tp_rank: int) -> list[int]:
 
 
 def check_vllm_heads(shape: ModelShape, *, tp: int) -> None:
-    """vLLM splits the query heads and the MLP rows evenly over ``tp``."""
+    """vLLM splits the query heads and the MLP rows evenly over ``tp``. Its fused expert layout
+    (``w13`` / ``w2``) is not in the algebra yet, so an MoE model is refused here, before any work."""
+    if shape.moe is not None:
+        raise LayoutError.of("model.hf_path", f"{shape.arch}: the vLLM layout of its experts (w13/w2) is not "
+                             "built yet, so it cannot be synced to the rollout",
+                             "use a dense model for RL; MoE models train and convert (HF <-> Megatron) only")
     if shape.heads % tp:
         raise LayoutError.of("rollout.tp", f"{tp} does not divide num_attention_heads={shape.heads}",
                              "choose a rollout.tp that divides the attention heads")

@@ -5,7 +5,9 @@ parallel state is torn down and rebuilt between them), and for each layout and m
 checks that the built parameters' names and shapes equal the layout algebra's, loads the HF
 weights, and runs 2 optimizer steps on the same global batch. Writes per-rank JSON.
 
-argv: model-dir JSON ({family: path}), then layouts as tp,pp,cp[,sp][,do] strings.
+argv: model-dir JSON ({family: path}), then layouts as tp,pp,cp[,sp][,do][,epN] strings. A layout
+with an ``epN`` part (expert parallelism N, ep1 included) runs the MoE families (``*moe*``) only;
+one without runs the dense families only.
 """
 import gc
 import json
@@ -29,7 +31,14 @@ STEPS, MICRO, B, S = 2, 4, 2, 16
 def parse(spec: str) -> ParallelConfig:
     parts = spec.split(",")
     tp, pp, cp = map(int, parts[:3])
-    return ParallelConfig(tp=tp, pp=pp, cp=cp, sequence_parallel="sp" in parts, distributed_optimizer="do" in parts)
+    ep = next((int(p[2:]) for p in parts[3:] if p.startswith("ep")), 1)
+    return ParallelConfig(tp=tp, pp=pp, cp=cp, ep=ep, sequence_parallel="sp" in parts,
+                          distributed_optimizer="do" in parts)
+
+
+def families_of(spec: str, paths: dict) -> dict:
+    moe = any(p.startswith("ep") for p in spec.split(",")[3:])
+    return {f: p for f, p in paths.items() if ("moe" in f) == moe}
 
 
 def run_layout(spec: str, paths: dict) -> dict:
@@ -41,11 +50,11 @@ def run_layout(spec: str, paths: dict) -> dict:
     rank = torch.distributed.get_rank()
     c = grid.coords(rank)
     out = {}
-    for family, path in paths.items():
+    for family, path in families_of(spec, paths).items():
         hf_config = AutoConfig.from_pretrained(path)
         eng = TrainEngine(hf_config, parallel=par, train=TrainConfig(lr=1e-3, grad_clip=1e9), topo=topo, hf_path=path)
         expected = megatron_rank_tensors(ModelShape.from_hf_config(hf_config), tp=par.tp, pp=par.pp,
-                                         tp_rank=c.tp, pp_rank=c.pp)
+                                         tp_rank=c.tp, pp_rank=c.pp, ep=par.ep, ep_rank=c.ep)
         got = {n: list(p.shape) for n, p in eng.model[0].module.named_parameters()}
         names_ok = got == {n: list(lt.shape) for n, lt in expected.items()}
         batches = synthetic_batches(vocab=hf_config.vocab_size, num=MICRO, batch=B, seq=S, seed=7)
