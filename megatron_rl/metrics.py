@@ -251,7 +251,9 @@ class MetricsLogger:
     ``<run_dir>/tb``, and drives a tqdm progress bar, all on rank 0 only (other ranks: no-ops).
 
     ``start_step`` > 0 (a resumed run) first drops JSONL lines at or after it, so the file
-    ends up as if the run had never stopped.
+    ends up as if the run had never stopped. The dropped lines are not lost: they are appended
+    to ``<run_dir>/metrics.replaced.jsonl`` (a resumed step can then be compared with the step
+    it replaced: equal, for a bitwise resume).
     """
 
     def __init__(self, run_dir: str, *, rank: int = 0, total_steps: int, start_step: int = 0, jsonl: bool = True,
@@ -280,7 +282,11 @@ class MetricsLogger:
         if not os.path.exists(self.path):
             return
         with open(self.path) as f:
-            kept = [line for line in f if line.strip() and json.loads(line).get("step", -1) < start_step]
+            lines = [line for line in f if line.strip()]
+        kept = [line for line in lines if json.loads(line).get("step", -1) < start_step]
+        if len(kept) < len(lines):
+            with open(os.path.join(os.path.dirname(self.path), "metrics.replaced.jsonl"), "a") as f:
+                f.writelines(line for line in lines if json.loads(line).get("step", -1) >= start_step)
         tmp = self.path + ".tmp"
         with open(tmp, "w") as f:
             f.writelines(kept)

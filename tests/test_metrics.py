@@ -80,6 +80,9 @@ def test_logger_jsonl_tensorboard_progress_and_resume(tmp_path):
     log.log(1, {"reward/mean": 9.0})
     log.close()
     assert [(r["step"], r["reward/mean"]) for r in read_metrics(f"{run}/metrics.jsonl")] == [(0, 0.0), (1, 9.0)]
+    # ... and keeps what it dropped beside the file
+    assert [(r["step"], round(r["reward/mean"], 6)) for r in read_metrics(f"{run}/metrics.replaced.jsonl")] == \
+        [(1, 0.1), (2, 0.2)]
 
 
 def test_other_ranks_are_silent(tmp_path):

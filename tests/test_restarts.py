@@ -9,8 +9,9 @@ Multirank (the real trainer, world 4, tiny demo, two launches of launch/torchrun
    SIGKILLs rank 1 on entering "train" of step 3 in the first attempt. torchrun restarts every
    rank; they resume from step_1 and the launch exits 0 with one "[restart]" line naming rank 1,
    phase 'train', step 3 and the resume step.
-2. The same job uninterrupted (default MAX_RESTARTS=0): its metrics for every step from the
-   resume point on (2..5) equal those of launch 1 bitwise.
+2. The resumed step 2 equals, bitwise, the step 2 the first attempt ran before the kill (kept in
+   metrics.replaced.jsonl): the model, optimizer, RNG and data position came back exactly.
+   (Bitwise resume over several steps, critic included, is tests/test_rl_checkpoint.py's.)
 """
 import json
 import os
@@ -183,16 +184,12 @@ def test_a_killed_rank_restarts_and_resumes_bitwise(tiny_models, tmp_path):
     assert all(s["attempt"] == 1 and s["state"] == "done" for s in records.load_records(str(run))["status"])
     got = {r["step"]: r for r in read_metrics(str(run / "metrics.jsonl"))}
     assert sorted(got) == list(range(6)), sorted(got)  # each step once: the resumed run replaced 2..
-
-    rc, text, took_clean = _launch(tmp_path, "clean", common, timeout=LAUNCH_TIMEOUT_S)
-    assert rc == 0 and "[restart]" not in text, text[-4000:]
-    assert not os.path.isdir(tmp_path / "clean" / "runtime" / "attempt0")
-    ref = {r["step"]: r for r in read_metrics(str(tmp_path / "clean" / "metrics.jsonl"))}
-    for step in range(2, 6):
-        diff = {k: (ref[step][k], got[step][k]) for k in COMPARED if ref[step][k] != got[step][k]}
-        assert not diff, (step, diff)  # exact equality, not a tolerance
-    assert len({ref[s]["grad_norm"] for s in range(2, 6)}) == 4  # the compared numbers do move
-    print(json.dumps({"killed_run_s": round(took, 1), "clean_run_s": round(took_clean, 1)}))
+    replaced = {r["step"]: r for r in read_metrics(str(run / "metrics.replaced.jsonl"))}
+    assert sorted(replaced) == [2], sorted(replaced)  # the first attempt logged step 2, then died in step 3
+    diff = {k: (replaced[2][k], got[2][k]) for k in COMPARED if replaced[2][k] != got[2][k]}
+    assert not diff, diff  # exact equality, not a tolerance
+    assert len({got[s]["grad_norm"] for s in range(6)}) == 6  # the compared numbers do move
+    print(json.dumps({"killed_run_s": round(took, 1)}))
 
 
 _CHILD = """
