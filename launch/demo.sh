@@ -37,7 +37,7 @@ echo "== 1/3 SFT: $SFT_STEPS steps of 64 examples, loss on the answer only (lm-t
 OMP_NUM_THREADS=2 NPROC_PER_NODE=1 JOB=lm-train CONFIG="$CONFIG" SKIP_ENV=1 bash launch/torchrun.sh \
   --data sft --seq-len 10 --micro-batch-size 64 --global-batch 64 --save "$RUN/sft/megatron" \
   model.hf_path="$MODEL" parallel.world_size=1 parallel.tp=1 parallel.pp=1 train.steps="$SFT_STEPS" \
-  train.lr="$SFT_LR" logging.run_dir="$RUN/sft" | grep -v '^{"job"' | awk 'NR % 100 == 0 || /saved/'
+  train.lr="$SFT_LR" logging.run_dir="$RUN/sft" | grep --line-buffered -v '^{"job"' | awk '/^step/ && !(++n % 100) || /saved/ { print; fflush() }'
 echo "== 2/3 export the SFT model: Megatron checkpoint -> HF (megatron-rl convert megatron-to-hf) -> $RUN/sft/hf"
 python -m megatron_rl.cli convert megatron-to-hf --src "$RUN/sft/megatron" --out "$RUN/sft/hf" --no-progress \
   > "$RUN/sft/convert.log" 2>&1 || { cat "$RUN/sft/convert.log"; exit 1; }
