@@ -65,7 +65,7 @@ def _check_eval(rows: list, *, model: str, overrides: list) -> None:
     assert not any(k.startswith("eval/") for k in rows[1]), rows[1]  # step 1 is not due (every 2)
     for r in rows:
         if "eval/pass@1" in r:
-            assert 0 <= r["eval/pass@1"] <= r["eval/pass@2"] <= 1 and 0 <= r["eval/reward_mean"] <= 1, r
+            assert all(0 <= r[k] <= 1 for k in evals[:3]), r  # (greedy may beat 2 samples: no order)
     want = _hf_greedy_eval(model, overrides)
     assert rows[0]["eval/pass@1"] == pytest.approx(want["pass@1"], abs=1e-9), (rows[0], want)
     assert rows[0]["eval/reward_mean"] == pytest.approx(want["reward_mean"], abs=1e-9), (rows[0], want)
