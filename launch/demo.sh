@@ -3,8 +3,8 @@
 # two-digit addition ("47+38=" -> "85"; configs/sft_rl_cpu.yaml). Prints the held-out accuracy
 # (greedy pass@1 on 200 prompts no phase trains on) after SFT and after RL, the reward gain and
 # the PNG of the run.
-#   1. SFT  (megatron-rl lm-train --data sft, megatron-core, 1 rank): loss on the answer only,
-#           saved as a Megatron checkpoint, exported to HF by megatron-rl convert megatron-to-hf
+#   1. SFT  (megatron-rl lm-train --data sft, world 4: megatron-core TP2 x PP2): loss on the answer
+#           only, saved as a Megatron checkpoint, exported to HF by megatron-rl convert megatron-to-hf
 #   2. GRPO (megatron-rl train, world 4: megatron-core TP2 x PP2, vLLM TP1 x 4 replicas) from
 #           that HF export (model.hf_path), exact-match reward, held-out eval every 10 steps
 #   bash launch/demo.sh                         # SFT then RL, a fresh run in runs/demo
@@ -32,12 +32,11 @@ if [ "${1:-}" = "--quick" ]; then
 fi
 CONFIG=${CONFIG:-configs/sft_rl_cpu.yaml}
 start=$SECONDS
-echo "== 1/3 SFT: $SFT_STEPS steps of 64 examples, loss on the answer only (lm-train, 1 rank) -> $RUN/sft"
-# One rank with both cores: the SFT batch is small, world 4 would only add communication.
-OMP_NUM_THREADS=2 NPROC_PER_NODE=1 JOB=lm-train CONFIG="$CONFIG" SKIP_ENV=1 bash launch/torchrun.sh \
-  --data sft --seq-len 10 --micro-batch-size 64 --global-batch 64 --save "$RUN/sft/megatron" \
-  model.hf_path="$MODEL" parallel.world_size=1 parallel.tp=1 parallel.pp=1 train.steps="$SFT_STEPS" \
-  train.lr="$SFT_LR" logging.run_dir="$RUN/sft" | grep --line-buffered -v '^{"job"' | awk '/^step/ && !(++n % 100) || /saved/ { print; fflush() }'
+echo "== 1/3 SFT: $SFT_STEPS steps of 64 examples, loss on the answer only (lm-train, world 4: TP2 x PP2) -> $RUN/sft"
+JOB=lm-train CONFIG="$CONFIG" SKIP_ENV=1 bash launch/torchrun.sh \
+  --data sft --seq-len 10 --micro-batch-size 16 --global-batch 64 --save "$RUN/sft/megatron" \
+  model.hf_path="$MODEL" train.steps="$SFT_STEPS" train.lr="$SFT_LR" logging.run_dir="$RUN/sft" \
+  | grep --line-buffered -v '^{"job"' | awk '/^step/ && !(++n % 100) || /saved/ { print; fflush() }'
 echo "== 2/3 export the SFT model: Megatron checkpoint -> HF (megatron-rl convert megatron-to-hf) -> $RUN/sft/hf"
 python -m megatron_rl.cli convert megatron-to-hf --src "$RUN/sft/megatron" --out "$RUN/sft/hf" --no-progress \
   > "$RUN/sft/convert.log" 2>&1 || { cat "$RUN/sft/convert.log"; exit 1; }
