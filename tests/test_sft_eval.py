@@ -150,3 +150,15 @@ def test_evaluator_greedy_pass1_and_sampled_pass_k():
     assert engine.calls[0].temperature == 0.0 and engine.calls[1].temperature == cfg.rollout.temperature
     assert ev.history == [(3, got)] and "40 prompts" in ev.summary()
     assert [s for s in range(1, 10) if ev.due(s, start=1)] == [1, 3, 6, 9]  # the run's first step, then every 3rd
+
+
+def test_lm_train_sft_refuses_rows_without_an_answer_before_any_work(tiny_models, tmp_path, monkeypatch):
+    from megatron_rl.train import lm_job
+
+    rows = tmp_path / "q.jsonl"
+    rows.write_text('{"prompt": "1+1="}\n{"prompt": "2+2=", "answer": "4"}\n')
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    argv = ["--data", "sft", f"model.hf_path={tiny_models['llama']}", f"data.dataset={rows}", "data.reward=exact_match"]
+    with pytest.raises(ConfigError, match=r"data.dataset: 1 training rows \(ids \[0\]...\) have no 'answer'"):
+        lm_job.prepare(lm_job.parse_args(argv))
+    assert lm_job.prepare(lm_job.parse_args(argv[:3] + ["data.dataset=synthetic:addition", "data.reward=exact_match"]))

@@ -34,7 +34,7 @@ from megatron_rl.checkpoint.megatron import read_meta
 from megatron_rl.checkpoint.spmd import load_checkpoint, save_checkpoint
 from megatron_rl.config import ConfigError, load_config
 from megatron_rl.config import validate as validate_config
-from megatron_rl.data import PromptDataset, encode_prompt
+from megatron_rl.data import PromptDataset, encode_prompt, load_split
 from megatron_rl.data.sft import sft_batch, sft_example
 from megatron_rl.parallel import destroy_distributed, init_distributed
 from megatron_rl.parallel.grid import LayoutError
@@ -65,6 +65,11 @@ def validate(args, cfg, world: int, hf_config) -> int:
     if args.load:
         read_meta(args.load)  # one clear error for a missing or incomplete checkpoint
     validate_config(cfg, world_size=world, hf_config=hf_config, files=False)  # the world, RoPE and the layouts
+    if args.data == "sft":
+        missing = [r.get("id") for r in load_split(cfg.data).train if "answer" not in r]
+        if missing:
+            raise ConfigError(f"config error: data.dataset: {len(missing)} training rows (ids {missing[:3]}...) have no "
+                              "'answer' to train on; fix: SFT (--data sft) needs rows with an answer field")
     p = cfg.parallel
     if args.seq_len % (2 * p.cp if p.cp > 1 else 1) or (p.sequence_parallel and args.seq_len % p.tp):
         raise ConfigError(f"config error: --seq-len: {args.seq_len} must be divisible by 2*parallel.cp={2 * p.cp} "
