@@ -33,7 +33,7 @@ from megatron_rl import console
 
 PHASES = ("rollout", "release", "train", "sync", "resume")  # every step has these
 OPTIONAL_PHASES = ("ref",)  # the KL reference's forward (algorithm.kl_coef > 0)
-TABLE_ORDER = ("rollout", "release", "critic", "ref", "train", "critic_train", "sync", "resume")  # phase_table rows, in step order
+TABLE_ORDER = ("eval", "rollout", "release", "critic", "ref", "train", "critic_train", "sync", "resume")  # phase_table rows, in step order
 _MIB = float(1 << 20)
 
 # Every field the trainer writes per step; the end-to-end test checks all of them.

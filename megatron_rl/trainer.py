@@ -2,6 +2,8 @@
 
 One step, on every rank, in this order::
 
+    eval      (logging.eval_every) greedy pass@1 and mean reward on the held-out prompts, at the
+              first step, every N-th and after the last (megatron_rl.evaluation)
     rollout   vLLM samples G responses per prompt (each replica its share), with log-probs;
               responses are gathered, rewards scored, group advantages computed
     release   vLLM frees its KV cache and weights: the memory goes back to training
@@ -40,6 +42,7 @@ from megatron_rl.algorithms.dynamic import DynamicPool, select_groups
 from megatron_rl.algorithms.grpo import RolloutBatch
 from megatron_rl.config import Config, ConfigError, load_config, validate
 from megatron_rl.data import PromptDataset, encode_prompt
+from megatron_rl.evaluation import Evaluator
 from megatron_rl.metrics import (MetricsLogger, PhaseTimer, ascii_curve, length_stats, phase_table, quiet_other_ranks,
                                  reward_gain, reward_stats)
 from megatron_rl.parallel import collectives as coll
@@ -53,12 +56,11 @@ from megatron_rl.rewards import compute_rewards, get_reward
 from megatron_rl.rollout.base import Sampling
 from megatron_rl.rollout.vllm_engine import VllmEngine
 from megatron_rl.runtime import faults, run_rank
-from megatron_rl.runtime.rank import restart_count
-from megatron_rl.runtime.report import restart_line
 from megatron_rl.runtime.resources import resource_metrics
 from megatron_rl.train.critic import Critic
 from megatron_rl.train.engine import TrainEngine
 from megatron_rl.train.reference import ReferenceModel, reference_path
+from megatron_rl.train.rl_state import log_restart, resume_state, save_state
 from megatron_rl.train.rl_step import (critic_update, forward_table, gather_table, plan_step, policy_update,
                                       ppo_step_targets)
 
@@ -207,56 +209,6 @@ def make_critic(cfg: Config, *, hf_config, topo):
                   dtype=DTYPES[cfg.model.dtype])
 
 
-def _critic_state(critic) -> Optional[tuple]:
-    return None if critic is None else (critic.model, critic.optimizer)
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoints (model + optimizer through megatron_rl.checkpoint; data position and step here).
-
-
-def save_state(cfg: Config, eng, *, step: int, data, rewards: list, critic=None) -> None:
-    try:
-        from megatron_rl.checkpoint.rl import save_rl_checkpoint  # lazy: a broken install fails here, naming the fix
-    except ImportError as e:  # never drop a checkpoint silently: a broken install must stop the run
-        raise ImportError(f"checkpoint.dir={cfg.checkpoint.dir!r} is set but megatron_rl.checkpoint.rl cannot be "
-                          f"imported ({e}); fix: repair the install (pip install -e .), or set checkpoint.dir=null "
-                          "to run without checkpoints") from e
-    with critic.onloaded() if critic is not None else contextlib.nullcontext():
-        save_rl_checkpoint(cfg.checkpoint.dir, step=step, model=eng.model, optimizer=eng.optimizer,
-                           extra={"data": data.state_dict(), "reward_history": rewards}, keep=cfg.checkpoint.keep,
-                           config=cfg, critic=_critic_state(critic))
-
-
-def resume_state(cfg: Config, eng, *, data, critic=None) -> tuple[int, list]:
-    """(first step to run, reward history) from the newest complete checkpoint, or (0, [])."""
-    if not (cfg.checkpoint.dir and cfg.checkpoint.resume):
-        return 0, []
-    try:
-        from megatron_rl.checkpoint.rl import load_rl_checkpoint  # lazy: as above
-    except ImportError as e:  # "no checkpoint" would silently restart from step 0
-        raise ImportError(f"checkpoint.resume=true but megatron_rl.checkpoint.rl cannot be imported ({e}); fix: "
-                          "repair the install (pip install -e .), or set checkpoint.resume=false to start fresh") from e
-    with critic.onloaded() if critic is not None else contextlib.nullcontext():
-        got = load_rl_checkpoint(cfg.checkpoint.dir, model=eng.model, optimizer=eng.optimizer,
-                                 critic=_critic_state(critic))
-    if got is None:
-        return 0, []
-    step, extra = got
-    data.load_state_dict(extra["data"])
-    return step + 1, list(extra.get("reward_history", []))
-
-
-def log_restart(cfg: Config, *, rank: int, start: int) -> None:
-    """After a torchrun restart (MAX_RESTARTS), rank 0 logs one line: the restart, the rank that
-    died in the previous attempt (from its records) and the step this attempt resumes from."""
-
-    attempt = restart_count()
-    if attempt > 0 and rank == 0:
-        print(restart_line(cfg.logging.run_dir, attempt=attempt, resumed=start,
-                           max_restarts=os.environ.get("TORCHELASTIC_MAX_RESTARTS", "?")), file=console.stderr(), flush=True)
-
-
 # ---------------------------------------------------------------------------------------------
 # The loop.
 
@@ -276,6 +228,7 @@ class Job:
     sync: object
     ref: object = None  # the frozen KL reference (algorithm.kl_coef > 0)
     critic: object = None  # PPO's value model (algorithm.name=ppo)
+    evaluator: Evaluator = None  # the held-out evaluation (data.eval_*, logging.eval_every)
 
 
 def sync_source_layout(chunks, shape, grid, vocab_divisible_by: int):
@@ -311,8 +264,10 @@ def setup(cfg: Config, *, hf_config) -> Job:
                       dst_dtype=DTYPES[cfg.rollout_dtype],  # fp32 master weights can feed a bf16 rollout
                       bucket_bytes=cfg.sync.bucket_bytes, staging_bytes=staging_bytes(cfg), verify=cfg.sync.verify,
                       transport=cfg.sync.transport)
-    return Job(cfg=cfg, rank=rank, world=world, tokenizer=tok, data=data, reward_fn=get_reward(cfg.data.reward),
-               eng=eng, rollout=rollout, sync=sync, ref=ref, critic=critic)
+    reward_fn = get_reward(cfg.data.reward)
+    return Job(cfg=cfg, rank=rank, world=world, tokenizer=tok, data=data, reward_fn=reward_fn, eng=eng,
+               rollout=rollout, sync=sync, ref=ref, critic=critic,
+               evaluator=Evaluator.from_config(cfg, tokenizer=tok, reward_fn=reward_fn))
 
 
 def staging_bytes(cfg: Config) -> Optional[int]:
@@ -358,11 +313,11 @@ def train(cfg: Config, *, hf_config, rt=None) -> dict:
     rt = rt or _NoRuntime()
     with rt.phase("setup", timeout_s=2 * cfg.parallel.timeout_s):
         job = setup(cfg, hf_config=hf_config)
-        rollout, sync, eng, a, t, L = job.rollout, job.sync, job.eng, cfg.algorithm, cfg.train, cfg.logging
-        start, history = resume_state(cfg, eng, data=job.data, critic=job.critic)
+        t, L = cfg.train, cfg.logging
+        start, history = resume_state(cfg, job.eng, data=job.data, critic=job.critic)
     log_restart(cfg, rank=job.rank, start=start)
     with rt.phase("sync"):
-        sync.sync()  # vLLM starts from exactly the trainer's weights (fresh or resumed)
+        job.sync.sync()  # vLLM starts from exactly the trainer's weights (fresh or resumed)
     log = MetricsLogger(L.run_dir, rank=job.rank, total_steps=t.steps, start_step=start, jsonl=L.jsonl,
                         tensorboard=L.tensorboard, progress=L.progress)
     timer = _Phases(PhaseTimer(device=torch.device("cuda", torch.cuda.current_device())
@@ -370,30 +325,19 @@ def train(cfg: Config, *, hf_config, rt=None) -> dict:
     explained = []  # PPO: the critic's explained variance per step
     for step in range(start, t.steps):
         rt.step = step  # kept in this rank's records: a restart names the step a rank died in
-        with timer.phase("rollout"):  # policy on vLLM; critic and reference offloaded
-            batch, rewards, sampled = rollout_step(job, step=step)
-        with timer.phase("release"):
-            rollout.release(("kv_cache", "weights"))
-        lr = lr_at(step, lr=t.lr, min_lr=t.min_lr, total_steps=t.steps, warmup_steps=t.lr_warmup_steps,
-                   schedule=t.lr_schedule)
-        out = update(job, batch, rewards, step=step, lr=lr, phase=timer.phase)
-        with timer.phase("resume"):
-            return_cached_blocks()  # training's cached blocks go back before vLLM wakes
-            rollout.resume(("weights",))
-        with timer.phase("sync"):
-            sync.sync()  # ends with the engine's end_weight_update(): repack, reset the prefix cache
-        with timer.phase("resume"):
-            rollout.resume(("kv_cache",))
-        metrics = {**reward_stats(rewards, group_size=a.group_size), **sampled,
-                   **length_stats(batch.flat_lengths(), max_new_tokens=cfg.rollout.max_new_tokens),
-                   **out, **timer.step_metrics(), **resource_metrics()}
+        held_out = evaluate(job, timer, step=step, start=start)  # before the rollout: vLLM is awake
+        metrics = {**held_out, **run_step(job, timer, step=step)}
         history.append(metrics["reward/mean"])
         if "critic/explained_var" in metrics:
             explained.append(metrics["critic/explained_var"])
         end_step(cfg, job, log, rt, step=step, metrics=metrics, history=history)
+    if job.evaluator.enabled:  # after the last step's resume: the final policy, still on an awake engine
+        log.log(t.steps, {**evaluate(job, timer, step=t.steps, start=t.steps), **timer.step_metrics()})
     first, last, gain = reward_gain(history) if history else (0.0, 0.0, 0.0)
     log.print(f"mean reward per step:\n{ascii_curve(history)}\n"
               f"reward first 20%: {first:.4f}  last 20%: {last:.4f}  gain: {gain:+.4f}")
+    if job.evaluator.history:
+        log.print(job.evaluator.summary())
     if explained:
         ev_first, ev_last, ev_gain = reward_gain(explained)
         log.print(f"critic explained variance first 20%: {ev_first:.4f}  last 20%: {ev_last:.4f}  rise: {ev_gain:+.4f}")
@@ -404,6 +348,36 @@ def train(cfg: Config, *, hf_config, rt=None) -> dict:
     # Megatron's state only: vLLM's shutdown at exit destroys its groups and the default one.
     destroy_distributed(keep_process_group=True)
     return {"reward_first": first, "reward_last": last, "reward_gain": gain, "rewards": history}
+
+
+def run_step(job: Job, timer, *, step: int) -> dict:
+    """One RL step, in the loop's order (module docstring); returns its metrics."""
+    cfg, rollout, sync, t, a = job.cfg, job.rollout, job.sync, job.cfg.train, job.cfg.algorithm
+    with timer.phase("rollout"):  # policy on vLLM; critic and reference offloaded
+        batch, rewards, sampled = rollout_step(job, step=step)
+    with timer.phase("release"):
+        rollout.release(("kv_cache", "weights"))
+    lr = lr_at(step, lr=t.lr, min_lr=t.min_lr, total_steps=t.steps, warmup_steps=t.lr_warmup_steps,
+               schedule=t.lr_schedule)
+    out = update(job, batch, rewards, step=step, lr=lr, phase=timer.phase)
+    with timer.phase("resume"):
+        return_cached_blocks()  # training's cached blocks go back before vLLM wakes
+        rollout.resume(("weights",))
+    with timer.phase("sync"):
+        sync.sync()  # ends with the engine's end_weight_update(): repack, reset the prefix cache
+    with timer.phase("resume"):
+        rollout.resume(("kv_cache",))
+    return {**reward_stats(rewards, group_size=a.group_size), **sampled,
+            **length_stats(batch.flat_lengths(), max_new_tokens=cfg.rollout.max_new_tokens),
+            **out, **timer.step_metrics(), **resource_metrics()}
+
+
+def evaluate(job: Job, timer, *, step: int, start: int) -> dict:
+    """The held-out metrics when an evaluation is due at ``step`` (phase "eval"), else {}."""
+    if not job.evaluator.due(step, start=start):
+        return {}
+    with timer.phase("eval"):
+        return job.evaluator.run(job.rollout, step=step)
 
 
 def return_cached_blocks() -> None:

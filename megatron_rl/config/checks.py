@@ -138,14 +138,19 @@ def check_files(cfg) -> None:
     if critic and not os.path.isfile(os.path.join(critic, "config.json")):
         _fail("algorithm.critic_hf_path", f"{critic!r} holds no config.json",
               "point it at a HF model directory with the policy's architecture, or unset it to use model.hf_path")
-    ds = cfg.data.dataset
-    if not ds.startswith("synthetic:"):
-        if not os.path.isfile(ds):
-            _fail("data.dataset", f"file {ds!r} does not exist", "point data.dataset at an existing .jsonl/.parquet "
-                  "file, or use synthetic:digits")
-        if ds.endswith(".parquet") and importlib.util.find_spec("pyarrow") is None:
-            _fail("data.dataset", f"reading {ds} needs pyarrow, which is not installed",
-                  "pip install pyarrow==26.0.1 (or megatron_rl[data]), or convert the file to .jsonl")
+    for key in ("dataset", "eval_dataset"):
+        _check_dataset_file(f"data.{key}", getattr(cfg.data, key))
+
+
+def _check_dataset_file(key: str, ds) -> None:
+    if ds is None or ds.startswith("synthetic:"):
+        return
+    if not os.path.isfile(ds):
+        _fail(key, f"file {ds!r} does not exist", f"point {key} at an existing .jsonl/.parquet file, or use "
+              "synthetic:<task>")
+    if ds.endswith(".parquet") and importlib.util.find_spec("pyarrow") is None:
+        _fail(key, f"reading {ds} needs pyarrow, which is not installed",
+              "pip install pyarrow==26.0.1 (or megatron_rl[data]), or convert the file to .jsonl")
 
 
 __all__ = ["ConfigError", "validate", "check_world", "check_model", "check_hf_config", "check_files"]

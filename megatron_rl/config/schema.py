@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from megatron_rl.config import checks as _checks
-from megatron_rl.data.synthetic import TASKS
+from megatron_rl.data.synthetic import ADDITION_MAX, TASKS
 from megatron_rl.errors import config_error
 from megatron_rl.rewards import get_reward
 
@@ -186,7 +186,7 @@ class AlgorithmConfig:
 class DataConfig:
     """Prompts and rewards."""
 
-    dataset: str = "synthetic:digits"  # synthetic:<digits|copy|add> or a .jsonl / .parquet path
+    dataset: str = "synthetic:digits"  # synthetic:<digits|copy|add|addition> or a .jsonl / .parquet path
     prompt_key: str = "prompt"  # the column holding the prompt text
     reward: str = "digit_fraction"  # a name in megatron_rl.rewards' registry, or package.module:function
     prompts_per_step: int = 8
@@ -195,18 +195,41 @@ class DataConfig:
     synthetic_size: int = 1024  # rows of a synthetic dataset
     seed: int = 1234
     chat_template: bool = False  # prompts as one user turn of the tokenizer's chat template (instruct models)
+    # Held-out evaluation (run every logging.eval_every steps; see megatron_rl/evaluation.py). No
+    # training row has an eval prompt: they are dropped from the training set (megatron_rl.data.load_split).
+    eval_dataset: Optional[str] = None  # the eval prompts (synthetic:<task>, .jsonl, .parquet); None: hold out of dataset
+    eval_size: int = 0  # rows held out of data.dataset (or the first rows of eval_dataset; 0 = all of it)
+    eval_pass_k: int = 0  # also pass@k from k sampled responses per prompt (2 <= k <= group_size); 0: greedy only
 
     def __post_init__(self):
         _positive("data", prompts_per_step=self.prompts_per_step, max_prompt_len=self.max_prompt_len,
                   synthetic_size=self.synthetic_size)
-        if self.dataset.startswith("synthetic:"):
-            if self.dataset.split(":", 1)[1] not in TASKS:
-                _fail("data.dataset", f"unknown synthetic task {self.dataset!r}",
-                      "use one of " + ", ".join("synthetic:" + t for t in TASKS))
-        elif not self.dataset.endswith((".jsonl", ".parquet")):
-            _fail("data.dataset", f"{self.dataset!r} is neither synthetic:<task> nor a .jsonl/.parquet file",
-                  "use synthetic:digits or a path ending in .jsonl or .parquet")
+        for key in ("dataset", "eval_dataset"):
+            _check_dataset(f"data.{key}", getattr(self, key))
+        if self.eval_size < 0:
+            _fail("data.eval_size", f"{self.eval_size} < 0", "use 0 (none held out) or a positive row count")
+        if not self.eval_dataset and self.eval_size and self.dataset.startswith("synthetic:") \
+                and self.eval_size >= self.synthetic_size:
+            _fail("data.eval_size", f"{self.eval_size} >= data.synthetic_size={self.synthetic_size} leaves no "
+                  "training rows", "lower data.eval_size or raise data.synthetic_size")
+        if self.dataset == "synthetic:addition" and self.synthetic_size > ADDITION_MAX ** 2:
+            _fail("data.synthetic_size", f"{self.synthetic_size} > the {ADDITION_MAX ** 2} distinct addition prompts",
+                  f"use data.synthetic_size <= {ADDITION_MAX ** 2}")
+        if self.eval_pass_k == 1 or self.eval_pass_k < 0:
+            _fail("data.eval_pass_k", f"{self.eval_pass_k}: greedy pass@1 is always measured",
+                  "use 0 (off) or k >= 2 sampled responses per prompt")
         get_reward(self.reward)  # fails naming data.reward and the known names
+
+
+def _check_dataset(key: str, value: Optional[str]) -> None:
+    if value is None and key == "data.eval_dataset":
+        return
+    if value.startswith("synthetic:"):
+        if value.split(":", 1)[1] not in TASKS:
+            _fail(key, f"unknown synthetic task {value!r}", "use one of " + ", ".join("synthetic:" + t for t in TASKS))
+    elif not value.endswith((".jsonl", ".parquet")):
+        _fail(key, f"{value!r} is neither synthetic:<task> nor a .jsonl/.parquet file",
+              "use synthetic:digits or a path ending in .jsonl or .parquet")
 
 
 @dataclass
@@ -296,6 +319,7 @@ class LoggingConfig:
     phase_table: bool = True  # print the per-phase time/memory table every table_every steps
     table_every: int = 10
     log_every: int = 1  # steps between metric rows (JSONL, TensorBoard)
+    eval_every: int = 0  # steps between held-out evaluations (also at the start and the end); 0: none (needs data.eval_*)
     # false: the launch scripts keep every rank's output (vLLM, torch, warnings) in <run_dir>/logs and
     # the console shows rank 0's progress bar, tables and messages, and errors; true: rank 0's whole
     # output on the console too (torchrun --tee, "[default0]:" prefixes). See megatron_rl/console.py.
@@ -330,9 +354,28 @@ class Config:
         if self.parallel.world_size is not None:
             self.check_world(self.parallel.world_size)
         a = self.algorithm
+        self._check_eval()
         if a.critic_warmup_steps >= self.train.steps:
             _fail("algorithm.critic_warmup_steps", f"{a.critic_warmup_steps} >= train.steps={self.train.steps}: the "
                   "policy would never train", "use fewer critic-only steps than train.steps")
+
+    def _check_eval(self) -> None:
+        d, every = self.data, self.logging.eval_every
+        held_out = bool(d.eval_dataset or d.eval_size)
+        if every < 0:
+            _fail("logging.eval_every", f"{every} < 0", "use 0 (no evaluation) or a step count")
+        if every and not held_out:
+            _fail("logging.eval_every", f"{every} but there is no eval set",
+                  "set data.eval_size=N (rows held out of data.dataset) or data.eval_dataset=PATH")
+        if held_out and not every:
+            key = "data.eval_dataset" if d.eval_dataset else "data.eval_size"
+            _fail(key, "names an eval set but logging.eval_every=0 never runs it",
+                  "set logging.eval_every=N, or unset data.eval_dataset and data.eval_size")
+        if d.eval_pass_k > self.algorithm.group_size:
+            _fail("data.eval_pass_k", f"{d.eval_pass_k} > algorithm.group_size={self.algorithm.group_size}",
+                  "use k <= algorithm.group_size")
+        if d.eval_pass_k and not every:
+            _fail("data.eval_pass_k", "is set but logging.eval_every=0 never evaluates", "set logging.eval_every=N")
 
     @property
     def rollout_dtype(self) -> str:

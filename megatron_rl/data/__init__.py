@@ -5,7 +5,8 @@ small state that a checkpoint saves and restores.
 
 Usage::
 
-    ds = PromptDataset.from_config(cfg.data)
+    ds = PromptDataset.from_config(cfg.data)           # the training rows (never a held-out prompt)
+    held_out = load_split(cfg.data).eval                 # data.eval_*: the evaluation prompts
     batch = ds.next_batch(cfg.data.prompts_per_step)     # list of row dicts, each with "prompt"
     ids = encode_prompt(tok, batch[0]["prompt"], chat_template=cfg.data.chat_template)   # see .chat
     state = ds.state_dict(); ...; ds.load_state_dict(state)
@@ -15,13 +16,14 @@ from __future__ import annotations
 import json
 import os
 import random
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 from megatron_rl.errors import ConfigError
 from megatron_rl.data.chat import encode_prompt
 from megatron_rl.data.synthetic import DEFAULT_REWARD, TASKS, synthetic_rows
 
-__all__ = ["PromptDataset", "encode_prompt", "load_rows", "read_jsonl", "read_parquet", "synthetic_rows", "TASKS", "DEFAULT_REWARD"]
+__all__ = ["PromptDataset", "Split", "encode_prompt", "load_rows", "load_split", "read_jsonl", "read_parquet", "synthetic_rows", "TASKS", "DEFAULT_REWARD"]
 
 
 def _err(field: str, problem: str, fix: str) -> ConfigError:
@@ -87,6 +89,61 @@ def load_rows(dataset: str, *, prompt_key: str = "prompt", synthetic_size: int =
     return rows
 
 
+@dataclass
+class Split:
+    """The training rows and the held-out evaluation rows; no prompt is in both."""
+
+    train: list[dict]
+    eval: list[dict]
+
+
+def _fit(rows: list[dict], *, prompt_len: Optional[Callable[[str], int]], max_len: int, what: str) -> list[dict]:
+    if prompt_len is None:
+        return rows
+    kept = [r for r in rows if prompt_len(r["prompt"]) <= max_len]
+    if not kept:
+        raise _err("data.max_prompt_len", f"every prompt of {what} is longer than {max_len} tokens",
+                   "raise data.max_prompt_len")
+    return kept
+
+
+def load_split(data_cfg, *, prompt_len: Optional[Callable[[str], int]] = None) -> Split:
+    """``data.dataset``'s rows split into training and held-out evaluation rows.
+
+    - ``data.eval_dataset`` set: its rows (the first ``data.eval_size`` when > 0) are the eval set;
+    - else ``data.eval_size`` > 0: that many rows of ``data.dataset``, drawn by a seeded
+      permutation (``data.seed``), are held out;
+    - else no eval set.
+
+    Every training row whose prompt text is also an eval prompt is dropped, so training never
+    sees a held-out prompt (also when the two sets come from different files). With
+    ``prompt_len``, prompts longer than ``data.max_prompt_len`` are dropped from both.
+    """
+    rows = load_rows(data_cfg.dataset, prompt_key=data_cfg.prompt_key, synthetic_size=data_cfg.synthetic_size,
+                     seed=data_cfg.seed)
+    held: list[dict] = []
+    if data_cfg.eval_dataset:
+        held = load_rows(data_cfg.eval_dataset, prompt_key=data_cfg.prompt_key, synthetic_size=data_cfg.synthetic_size,
+                         seed=data_cfg.seed + 1)  # a synthetic eval set: another draw of the task
+        held = held[:data_cfg.eval_size] if data_cfg.eval_size else held
+    elif data_cfg.eval_size:
+        if data_cfg.eval_size >= len(rows):
+            raise _err("data.eval_size", f"{data_cfg.eval_size} held-out rows leave none of {data_cfg.dataset}'s "
+                       f"{len(rows)} for training", "lower data.eval_size (or raise data.synthetic_size)")
+        order = list(range(len(rows)))
+        random.Random(f"eval:{data_cfg.seed}").shuffle(order)
+        held = [rows[i] for i in sorted(order[:data_cfg.eval_size])]
+    held_prompts = {r["prompt"] for r in held}
+    train = [r for r in rows if r["prompt"] not in held_prompts]
+    if not train:
+        raise _err("data.eval_dataset", f"every prompt of {data_cfg.dataset} is also in {data_cfg.eval_dataset}",
+                   "hold out another set of prompts")
+    train = _fit(train, prompt_len=prompt_len, max_len=data_cfg.max_prompt_len, what=data_cfg.dataset)
+    held = _fit(held, prompt_len=prompt_len, max_len=data_cfg.max_prompt_len,
+                what=data_cfg.eval_dataset or "the held-out rows") if held else held
+    return Split(train=train, eval=held)
+
+
 class PromptDataset:
     """Rows drawn in a fixed order: a seeded permutation per epoch (or file order), forever.
 
@@ -106,17 +163,10 @@ class PromptDataset:
 
     @classmethod
     def from_config(cls, data_cfg, *, prompt_len: Optional[Callable[[str], int]] = None) -> "PromptDataset":
-        """Build from a ``DataConfig``; with ``prompt_len`` (e.g. a tokenizer's length), drop
-        prompts longer than ``data.max_prompt_len`` and fail if none is left."""
-        rows = load_rows(data_cfg.dataset, prompt_key=data_cfg.prompt_key, synthetic_size=data_cfg.synthetic_size,
-                         seed=data_cfg.seed)
-        if prompt_len is not None:
-            kept = [r for r in rows if prompt_len(r["prompt"]) <= data_cfg.max_prompt_len]
-            if not kept:
-                raise _err("data.max_prompt_len", f"every prompt of {data_cfg.dataset} is longer than "
-                           f"{data_cfg.max_prompt_len} tokens", "raise data.max_prompt_len")
-            rows = kept
-        return cls(rows, seed=data_cfg.seed, shuffle=data_cfg.shuffle)
+        """Build from a ``DataConfig``: the training rows of :func:`load_split` (no held-out
+        prompt); with ``prompt_len`` (e.g. a tokenizer's length), prompts longer than
+        ``data.max_prompt_len`` are dropped, and it fails if none is left."""
+        return cls(load_split(data_cfg, prompt_len=prompt_len).train, seed=data_cfg.seed, shuffle=data_cfg.shuffle)
 
     def __len__(self) -> int:
         return len(self.rows)

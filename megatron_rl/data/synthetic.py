@@ -7,6 +7,10 @@
   Starts near 1/250, so it learns more slowly.
 - ``add``: ``"12+7="`` with answer ``"19"``; reward ``math_answer``. A verifiable task of the
   GSM8K shape, too hard for the tiny model but useful to exercise the plumbing.
+- ``addition``: two-digit addition ``"47+38="`` -> ``"85"``, every ordered pair (a, b) with
+  0 <= a, b < 100 at most once (10,000 distinct prompts, in a seeded order); reward
+  ``exact_match``. The SFT-then-RL demo task: a short SFT phase teaches the tiny model part of
+  it, GRPO with the exact-match reward then raises its held-out accuracy.
 
 Usage::
 
@@ -17,8 +21,10 @@ from __future__ import annotations
 import random
 import string
 
-TASKS = ("digits", "copy", "add")
-DEFAULT_REWARD = {"digits": "digit_fraction", "copy": "copy_last", "add": "math_answer"}
+TASKS = ("digits", "copy", "add", "addition")
+DEFAULT_REWARD = {"digits": "digit_fraction", "copy": "copy_last", "add": "math_answer",
+                  "addition": "exact_match"}
+ADDITION_MAX = 100  # operands of the addition task are < this
 
 
 def _letters(rng: random.Random, lo: int, hi: int) -> str:
@@ -30,6 +36,8 @@ def synthetic_rows(task: str, *, num_rows: int, seed: int) -> list[dict]:
     if task not in TASKS:
         raise ValueError(f"unknown synthetic task {task!r}; use one of {TASKS}")
     rng = random.Random(f"{task}:{seed}")
+    if task == "addition":
+        return _addition(rng, num_rows)
     rows = []
     for i in range(num_rows):
         if task == "digits":
@@ -42,3 +50,13 @@ def synthetic_rows(task: str, *, num_rows: int, seed: int) -> list[dict]:
             rows.append({"prompt": f"{a}+{b}=", "answer": str(a + b)})
         rows[-1]["id"] = i
     return rows
+
+
+def _addition(rng: random.Random, num_rows: int) -> list[dict]:
+    pairs = ADDITION_MAX * ADDITION_MAX
+    if num_rows > pairs:
+        raise ValueError(f"the addition task has {pairs} distinct prompts; asked for {num_rows}")
+    # distinct pairs: a prompt appears once, so a held-out split by row is one by prompt too
+    codes = rng.sample(range(pairs), num_rows)
+    return [{"prompt": f"{c // ADDITION_MAX}+{c % ADDITION_MAX}=", "answer": str(c // ADDITION_MAX + c % ADDITION_MAX),
+             "id": i} for i, c in enumerate(codes)]

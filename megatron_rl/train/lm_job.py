@@ -1,14 +1,21 @@
 """``megatron-rl lm-train``: an SPMD language-model training job on megatron-core.
 
 Loads HF weights into the configured layout (TP/PP/CP/DP, SP, distributed optimizer), trains
-``train.steps`` steps on synthetic next-token data (the same global batch at any layout),
-and prints one line per step on rank 0, then a final JSON line. ``--save DIR`` writes a
-megatron-core dist checkpoint at the end (through megatron_rl.checkpoint).
+``train.steps`` steps (the same global batch at any layout), and prints one line per step on
+rank 0, then a final JSON line. ``--save DIR`` writes a megatron-core dist checkpoint at the end
+(through megatron_rl.checkpoint). The data (``--data``):
+
+- ``motif``: synthetic next-token data (a repeated random motif), loss on every token;
+- ``sft``: supervised fine-tuning on ``data.dataset``'s training rows (never a ``data.eval_*``
+  held-out prompt), ``prompt + answer + EOS`` with the loss on the answer and EOS only
+  (:mod:`megatron_rl.data.sft`). The SFT phase of the SFT-then-RL demo (``launch/demo.sh``).
 
 Usage (under torchrun)::
 
     torchrun --nproc-per-node 4 -m megatron_rl.cli lm-train --config configs/tiny_cpu.yaml \\
         model.hf_path=runs/tiny-llama train.steps=5 --seq-len 32
+    torchrun --nproc-per-node 4 -m megatron_rl.cli lm-train --config configs/sft_rl_cpu.yaml --data sft \
+        --seq-len 16 --global-batch 64 --save runs/sft/megatron
 """
 from __future__ import annotations
 
@@ -27,6 +34,8 @@ from megatron_rl.checkpoint.megatron import read_meta
 from megatron_rl.checkpoint.spmd import load_checkpoint, save_checkpoint
 from megatron_rl.config import ConfigError, load_config
 from megatron_rl.config import validate as validate_config
+from megatron_rl.data import PromptDataset, encode_prompt, load_split
+from megatron_rl.data.sft import sft_batch, sft_example
 from megatron_rl.parallel import destroy_distributed, init_distributed
 from megatron_rl.parallel.grid import LayoutError
 from megatron_rl.runtime import run_rank
@@ -37,6 +46,8 @@ from megatron_rl.train.lm import synthetic_batches
 def parse_args(argv):
     ap = argparse.ArgumentParser(prog="megatron-rl lm-train", description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", help="YAML config (sections model, parallel, train)")
+    ap.add_argument("--data", choices=("motif", "sft"), default="motif",
+                    help="motif: synthetic next-token data; sft: data.dataset's training rows, loss on the answer only")
     ap.add_argument("--seq-len", type=int, default=32, help="tokens per sequence (divisible by 2*cp, and tp with SP)")
     ap.add_argument("--micro-batch-size", type=int, default=2, help="sequences per micro-batch")
     ap.add_argument("--global-batch", type=int, default=8, help="sequences per step over all DP ranks")
@@ -54,6 +65,11 @@ def validate(args, cfg, world: int, hf_config) -> int:
     if args.load:
         read_meta(args.load)  # one clear error for a missing or incomplete checkpoint
     validate_config(cfg, world_size=world, hf_config=hf_config, files=False)  # the world, RoPE and the layouts
+    if args.data == "sft":
+        missing = [r.get("id") for r in load_split(cfg.data).train if "answer" not in r]
+        if missing:
+            raise ConfigError(f"config error: data.dataset: {len(missing)} training rows (ids {missing[:3]}...) have no "
+                              "'answer' to train on; fix: SFT (--data sft) needs rows with an answer field")
     p = cfg.parallel
     if args.seq_len % (2 * p.cp if p.cp > 1 else 1) or (p.sequence_parallel and args.seq_len % p.tp):
         raise ConfigError(f"config error: --seq-len: {args.seq_len} must be divisible by 2*parallel.cp={2 * p.cp} "
@@ -80,6 +96,25 @@ def prepare(args):
     return cfg, hf_config, world, validate(args, cfg, world, hf_config)
 
 
+def _data(args, cfg, hf_config, *, num: int):
+    """``step -> the global batch`` (``num`` micro-batches of ``--micro-batch-size``), the same on every rank."""
+    if args.data == "motif":
+        return lambda step: synthetic_batches(vocab=hf_config.vocab_size, num=num, batch=args.micro_batch_size,
+                                              seq=args.seq_len, seed=cfg.train.seed + step)
+    from transformers import AutoTokenizer  # lazy: only the SFT data needs the tokenizer
+
+    tok = AutoTokenizer.from_pretrained(cfg.model.hf_path)
+    chat = cfg.data.chat_template
+    rows = PromptDataset.from_config(cfg.data, prompt_len=lambda p: len(encode_prompt(tok, p, chat_template=chat)))
+    mb = args.micro_batch_size
+
+    def batches(step: int) -> list[dict]:
+        examples = [sft_example(tok, r, chat_template=chat) for r in rows.next_batch(num * mb)]
+        return [sft_batch(examples[i * mb:(i + 1) * mb], seq_len=args.seq_len, pad_id=tok.pad_token_id)
+                for i in range(num)]
+    return batches
+
+
 def run(args, prepared, rt) -> dict:
     cfg, hf_config, world, micro = prepared
     dtype = getattr(torch, cfg.model.dtype)
@@ -89,10 +124,9 @@ def run(args, prepared, rt) -> dict:
                       hf_path=cfg.model.hf_path, vocab_divisible_by=cfg.model.make_vocab_size_divisible_by)
     if args.load:
         load_checkpoint(eng.model[0], args.load)  # collective; dist-checkpointing reshards any saved layout
-    history = []
+    history, next_batches = [], _data(args, cfg, hf_config, num=micro * grid.dp)
     for step in range(cfg.train.steps):
-        batches = synthetic_batches(vocab=hf_config.vocab_size, num=micro * grid.dp, batch=args.micro_batch_size,
-                                    seq=args.seq_len, seed=cfg.train.seed + step)
+        batches = next_batches(step)
         t0 = time.perf_counter()
         with rt.phase("train"):
             out = eng.step(batches[coord.dp::grid.dp])
@@ -108,7 +142,7 @@ def run(args, prepared, rt) -> dict:
                             vocab_divisible_by=cfg.model.make_vocab_size_divisible_by)
         if rank == 0:
             print(f"saved megatron_rl checkpoint to {args.save}", file=console.stdout(), flush=True)
-    summary = {"job": "lm-train", "layout": {"tp": grid.tp, "pp": grid.pp, "cp": grid.cp, "dp": grid.dp,
+    summary = {"job": "lm-train", "data": args.data, "layout": {"tp": grid.tp, "pp": grid.pp, "cp": grid.cp, "dp": grid.dp,
                                               "sp": cfg.parallel.sequence_parallel,
                                               "distributed_optimizer": cfg.parallel.distributed_optimizer},
                "loss": [h["loss"] for h in history], "grad_norm": [h["grad_norm"] for h in history]}
