@@ -209,15 +209,19 @@ def test_patch9_distributed_optimizer_torch_adam_state():
     assert adam.state[w[0]]["step"].item() == 5.0
 
 
-def test_patch7_is_applied_on_gpu_too(monkeypatch):
+def test_patches_7_and_11_are_applied_on_gpu_too(monkeypatch):
     """GPU runs without Transformer Engine use megatron's local spec, whose norm refuses sequence
-    parallel: init_distributed applies patch 7 on every device, the CPU patches only without CUDA."""
+    parallel, and the MoE router's GEMM without TE: init_distributed applies patches 7 and 11 on
+    every device, the CPU patches only without CUDA."""
     calls = []
     monkeypatch.setattr(megatron_compat, "apply_sequence_parallel_norm", lambda: calls.append("norm") or True)
+    monkeypatch.setattr(megatron_compat, "apply_te_general_gemm", lambda: calls.append("gemm") or True)
     monkeypatch.setattr(megatron_compat, "apply", lambda **k: calls.append("cpu") or True)
-    assert megatron_compat.apply_for(cuda=True) == ["sequence_parallel_norm"] and calls == ["norm"]
+    assert megatron_compat.apply_for(cuda=True) == ["sequence_parallel_norm", "te_general_gemm"]
+    assert calls == ["norm", "gemm"]
     calls.clear()
-    assert megatron_compat.apply_for(cuda=False) == ["sequence_parallel_norm", "cpu"] and calls == ["norm", "cpu"]
+    assert megatron_compat.apply_for(cuda=False) == ["sequence_parallel_norm", "te_general_gemm", "cpu"]
+    assert calls == ["norm", "gemm", "cpu"]
     from megatron_rl import parallel
 
     assert "megatron_compat.apply_for(cuda=torch.cuda.is_available())" in inspect.getsource(parallel.init_distributed)
@@ -237,6 +241,7 @@ def test_patch11_router_gemm_without_te():
     moe_utils = _mod("megatron.core.transformer.moe.moe_utils")
     assert "te_general_gemm is not None" in inspect.getsource(moe_utils.RouterGatingLinearFunction.forward)
     assert moe_utils.HAVE_TE is False and moe_utils.te_general_gemm is None
+    assert megatron_compat.apply_te_general_gemm() is False  # defined now: idempotent, and TE's would be kept
     x, w = torch.randn(3, 4), torch.randn(5, 4)
     out = moe_utils.router_gating_linear(x, w, None, torch.float32)
     assert torch.allclose(out, x @ w.t())  # independent: the plain product

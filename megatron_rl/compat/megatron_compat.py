@@ -40,8 +40,9 @@ The patches (each one is checked by tests/test_megatron_compat.py, which fails i
     modules get the CPU ``torch`` namespace (patches 3, 5, 6).
 11. *``te_general_gemm`` undefined without Transformer Engine* (``moe_utils``): the router's
     gating GEMM tests ``te_general_gemm is not None``, but the name exists only when TE imports
-    (NameError otherwise). Set to None, so the router takes its own ``torch.mm`` path. (A GPU
-    without TE would need it too; GPU runs here use TE, and without TE this is applied only on CPU.)
+    (NameError otherwise). Set to None, so the router takes its own ``torch.mm`` path. Applied on
+    every device (:func:`apply_for`), as a GPU without TE hits the same NameError; where TE
+    defined the name it is left alone.
 
 Usage::
 
@@ -384,12 +385,21 @@ def _rebind(old, new) -> None:
 # --- entry point -----------------------------------------------------------------------------
 
 
+def apply_te_general_gemm() -> bool:
+    """Patch 11 alone (every device): ``te_general_gemm = None`` where TE did not define it.
+    Returns True if applied now."""
+    moe_utils = importlib.import_module("megatron.core.transformer.moe.moe_utils")
+    if hasattr(moe_utils, "te_general_gemm"):
+        return False
+    moe_utils.te_general_gemm = None
+    return True
+
+
 def _patch_moe() -> None:
-    """Patches 11 and 12: ``te_general_gemm = None`` where TE did not define it; numpy split sizes on CPU."""
+    """Patches 11 and 12 (CPU): patch 11, and numpy split sizes."""
     moe_utils = importlib.import_module("megatron.core.transformer.moe.moe_utils")
     importlib.import_module("megatron.core.transformer.moe.token_dispatcher")  # loaded, so _rebind reaches it
-    if not hasattr(moe_utils, "te_general_gemm"):
-        moe_utils.te_general_gemm = None
+    apply_te_general_gemm()
     original = moe_utils.maybe_move_tensor_to_cpu
 
     def maybe_move_tensor_to_cpu(tensor, as_numpy=False, record_stream=False):
@@ -414,11 +424,13 @@ def needed() -> bool:
 
 
 def apply_for(*, cuda: bool) -> list[str]:
-    """The patches a process needs: on every device, patch 7 (megatron's local spec, which GPU
-    runs without Transformer Engine use too, refuses sequence parallel); without CUDA, all of
-    them. Returns the names applied now (idempotent)."""
+    """The patches a process needs: on every device, patches 7 (megatron's local spec, which GPU
+    runs without Transformer Engine use too, refuses sequence parallel) and 11 (the MoE router
+    without TE); without CUDA, all of them. Returns the names applied now (idempotent)."""
     check_version()
     applied = ["sequence_parallel_norm"] if apply_sequence_parallel_norm() else []
+    if apply_te_general_gemm():
+        applied.append("te_general_gemm")
     if not cuda and apply():
         applied.append("cpu")
     return applied
