@@ -8,9 +8,10 @@ summed over ranks, equal the plan's bytes_moved and lower bound, and a bound com
 from element masks (tests/_bounds.py). One case of the world-4 launch (":p2p") syncs through TorchP2P
 without gloo coalescing, the per-slice message path NCCL takes, and must be just as exact.
 
-Three launches (a launch with vLLM costs tens of seconds on 2 cores), each shared by the tests
+Four launches (a launch with vLLM costs tens of seconds on 2 cores), each shared by the tests
 that read it: world 8 (qwen2, t_v=4 x 2 replicas, dummy start, two Megatron layouts), world 4
-(qwen3, t_v=2 x 2, then the no-vLLM sweep and the dead-rank fault) and world 2 (t_v=1 x 2).
+(qwen3, t_v=2 x 2, then the no-vLLM sweep and the dead-rank fault), world 2 (t_v=1 x 2) and
+world 2 for Qwen3-MoE (Megatron EP2 and EP1 -> t_v=2: vLLM's stacked, CPU-prepacked experts).
 """
 import os
 
@@ -104,6 +105,32 @@ def test_tv1_two_replicas(tmp_path, models):
     cases = ["2x1", "1x2"]
     res = _launch(tmp_path, "sync_exact.py", 2, ["--model", "q2", "--tv", "1", "--cases", ",".join(cases)])
     _check_exact(res, cases)
+
+
+MOE_CASES = ["1x1e2", "1x1"]  # Megatron EP2 (x DP1), then EP1 (x DP2)
+
+
+def test_moe_experts_ep2_to_tv2(tmp_path, models):
+    """World 2, Qwen3-MoE (8 experts, moe_intermediate_size 96): Megatron EP2 and EP1 -> vLLM TP2.
+    Every expert shard (w13[j] / w2[j]) and, read straight from the model, every stacked expert
+    tensor vLLM's CPU experts hold (48 rows per rank padded to 64, then prepacked) equals vLLM's own
+    load; each rank receives exactly the elements its layout names (no other expert's slice)."""
+    res = _launch(tmp_path, "sync_exact.py", 2, ["--model", "qm", "--tv", "2", "--cases", ",".join(MOE_CASES)])
+    _check_exact(res, MOE_CASES)
+    n_layers, n_experts = 2, 8
+    for r in res:
+        expert_slots = [n for n in r["cases"][0]["delivered"] if ".routed_experts." in n]
+        assert len(expert_slots) == n_layers * n_experts * 2, expert_slots[:4]
+        # the stacks themselves (packed), and the noise control that shows they were overwritten
+        assert len(r["noise_held_differs"]) == n_layers * 2, r["noise_held_differs"]
+        for c in r["cases"]:
+            assert c["held_experts"] == n_layers * 2 and c["held_mismatched"] == [], (r["rank"], c["case"], c)
+            # nothing arrives beyond the rank's own needs (element masks of its vLLM layout)
+            assert c["received"] + c["local"] == c["own_need"], (r["rank"], c["case"], c)
+    # EP2: each expert lives on one Megatron rank, so the other rank's experts cross; EP1 x DP2: every
+    # rank already holds every expert whole, so nothing need cross (the bound says 0 too)
+    ep2, ep1 = res[0]["cases"]
+    assert ep2["bytes_moved"] > 0 and ep1["bytes_moved"] == 0, (ep2["bytes_moved"], ep1["bytes_moved"])
 
 
 @pytest.mark.slow

@@ -7,6 +7,11 @@ into vLLM past ``vllm.LLM``'s public API.
 - The CPU linear closures: on CPU vLLM packs a linear weight after loading into
   ``module.cpu_linear`` (``dispatch_cpu_unquantized_gemm``) and leaves ``weight`` empty;
   :func:`repack`, :func:`release_linear`, :func:`run_linear`, :func:`recorded_shape`.
+- The CPU fused experts (MoE): vLLM stacks a layer's local experts as ``w13_weight``
+  ``[E, 2*I/tp, H]`` (``[gate; up]`` per expert) and ``w2_weight`` ``[E, H, I/tp]``; on CPU,
+  ``CPUUnquantizedExperts.process_weights_after_loading`` then pads ``I/tp`` to its alignment and
+  prepacks both (a permutation of each expert's elements, same shape, data-independent):
+  :func:`expert_shapes`, :func:`packed_experts`, :func:`repack_experts`, :func:`unpack_experts`.
 - :func:`kv_cache_tensors`: where the KV cache lives on a worker.
 
 Every entry point first calls :func:`check_version` (cached), which refuses an untested vLLM.
@@ -124,6 +129,83 @@ def recorded_shape(module: torch.nn.Module, attr: str):
 
     meta = get_layerwise_info(module).restore_metadata[0].get(attr)
     return None if meta is None else tuple(meta.shape)
+
+
+# --- CPU fused experts (MoE) -------------------------------------------------------------------
+
+EXPERT_ATTRS = ("w13_weight", "w2_weight")
+
+
+def is_fused_experts(module: torch.nn.Module) -> bool:
+    """Whether ``module`` is vLLM's fused-experts layer (``RoutedExperts``: stacked w13 / w2)."""
+    return hasattr(module, "moe_config") and all(hasattr(module, a) for a in EXPERT_ATTRS)
+
+
+def expert_shapes(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """One expert's unpacked, unpadded shard: ``w13`` ``(2*I/tp, H)`` = [gate; up], ``w2`` ``(H, I/tp)``."""
+    cfg = module.moe_config
+    f, h = cfg.intermediate_size_per_partition, cfg.hidden_dim
+    return {"w13_weight": (2 * f, h), "w2_weight": (h, f)}
+
+
+def _cpu_experts(module: torch.nn.Module):
+    """vLLM's CPU experts object that packed ``module``'s weights, or None (no packing)."""
+    kernel = getattr(module.quant_method, "moe_kernel", None)
+    experts = getattr(kernel, "fused_experts", None)
+    if experts is None or not hasattr(experts, "isa") or getattr(experts, "_use_zentorch", False):
+        return None
+    return experts
+
+
+def packed_experts(module: torch.nn.Module) -> bool:
+    """Whether vLLM holds ``module``'s experts padded and prepacked (the CPU grouped GEMM)."""
+    check_version()
+    return _cpu_experts(module) is not None
+
+
+def repack_experts(module: torch.nn.Module, w13: torch.Tensor, w2: torch.Tensor) -> None:
+    """Install unpacked ``w13`` ``[E, 2f, H]`` / ``w2`` ``[E, H, f]`` and run vLLM's own CPU post-load
+    step on them (pad, prepack): the layer then holds what vLLM's load of the same values leaves."""
+    module.w13_weight = torch.nn.Parameter(w13, requires_grad=False)
+    module.w2_weight = torch.nn.Parameter(w2, requires_grad=False)
+    _cpu_experts(module).process_weights_after_loading(module)
+
+
+@functools.lru_cache(maxsize=16)
+def _pack_order(shape: tuple[int, ...], dtype: torch.dtype, isa: str) -> torch.Tensor:
+    """For one expert of ``shape``: ``order[k]`` = the unpacked flat index that packed position k holds.
+
+    The prepack only moves elements, so packing the index itself tells where each one goes; the
+    index is packed in base-256 digits, which every float dtype holds exactly.
+    """
+    from vllm._custom_ops import cpu_prepack_moe_weight  # lazy: keeps vLLM out of CLI start-up
+
+    idx = torch.arange(int(torch.tensor(shape).prod()), dtype=torch.int64)
+    order, scale = torch.zeros_like(idx), 1
+    while scale == 1 or scale <= idx[-1]:
+        digit = ((idx // scale) % 256).to(dtype).view(1, *shape)  # (1, rows, cols)
+        order += cpu_prepack_moe_weight(digit, isa).flatten().to(torch.int64) * scale
+        scale *= 256
+    return order
+
+
+def _unpack(held: torch.Tensor, isa: str) -> torch.Tensor:
+    e = held.shape[0]
+    order = _pack_order(tuple(held.shape[1:]), held.dtype, isa)
+    out = torch.empty_like(held).view(e, -1)  # (E, rows*cols)
+    out[:, order] = held.reshape(e, -1)
+    return out.view_as(held)
+
+
+def unpack_experts(module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """The unpacked, unpadded ``(w13 [E, 2f, H], w2 [E, H, f])`` of a packed layer: bitwise the
+    values its last load or :func:`repack_experts` was given."""
+    experts = _cpu_experts(module)
+    f = module.moe_config.intermediate_size_per_partition
+    w13p, w2p = _unpack(module.w13_weight.data, experts.isa), _unpack(module.w2_weight.data, experts.isa)
+    pad = w13p.shape[1] // 2  # the padded I/tp: gate rows [0, f), up rows [pad, pad + f)
+    w13 = torch.cat([w13p[:, :f], w13p[:, pad:pad + f]], dim=1)  # (E, 2f, H)
+    return w13, w2p[:, :, :f].contiguous()  # (E, H, f)
 
 
 # --- KV cache -----------------------------------------------------------------------------------

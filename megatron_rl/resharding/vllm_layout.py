@@ -15,6 +15,15 @@ The facts below are read from the installed vLLM (0.32), not guessed:
 - Tied embeddings (``models/{llama,qwen2,qwen3}.py``): ``lm_head.tie_weights(embed_tokens)``
   makes ``lm_head.weight`` the same Parameter, so only ``model.embed_tokens.weight`` exists.
 - Norms (``RMSNorm``; qwen3 ``q_norm``/``k_norm``) are replicated on every rank.
+- MoE (``models/qwen3_moe.py``, ``layers/fused_moe/``): the router ``mlp.gate`` is a
+  ``GateLinear`` (a ``ReplicatedLinear``: whole on every rank). The experts are one
+  ``RoutedExperts`` whose ``w13_weight`` stacks the local experts as ``[E_local, 2*I/t, H]``, each
+  ``[gate_r ; up_r]`` (``weight_loader``: shard ``w1`` = gate in rows ``[0, I/t)``, ``w3`` = up in
+  ``[I/t, 2I/t)``, both narrowed at ``r*I/t``), and ``w2_weight`` ``[E_local, H, I/t]`` narrowed
+  along its input dim. Without vLLM's expert parallelism every rank holds all E experts, each
+  split over t (expert TP = TP), so expert e's shard is one :func:`layout.mlp_tensors`; it is
+  named ``...routed_experts.w13_weight[e]`` / ``w2_weight[e]`` (the receiver's per-expert slots).
+  vLLM refuses ``t > num_experts``.
 
 Usage::
 
@@ -39,7 +48,10 @@ VLLM_LAYER = LayerNames(
     k_norm="model.layers.{i}.self_attn.k_norm.weight",
     o_proj="model.layers.{i}.self_attn.o_proj.weight",
     gate_up="model.layers.{i}.mlp.gate_up_proj.weight",
-    down="model.layers.{i}.mlp.down_proj.weight")
+    down="model.layers.{i}.mlp.down_proj.weight",
+    router="model.layers.{i}.mlp.gate.weight",
+    expert_gate_up="model.layers.{i}.mlp.experts.routed_experts.w13_weight[{e}]",
+    expert_down="model.layers.{i}.mlp.experts.routed_experts.w2_weight[{e}]")
 
 
 def vllm_padded_vocab(vocab: int, *, tp: int) -> int:
@@ -66,16 +78,18 @@ def vllm_kv_heads(shape: ModelShape, *, tp: int, tp_rank: int) -> list[int]:
 
 
 def check_vllm_heads(shape: ModelShape, *, tp: int) -> None:
-    """vLLM splits the query heads and the MLP rows evenly over ``tp``. Its fused expert layout
-    (``w13`` / ``w2``) is not in the algebra yet, so an MoE model is refused here, before any work."""
-    if shape.moe is not None:
-        raise LayoutError.of("model.hf_path", f"{shape.arch}: the vLLM layout of its experts (w13/w2) is not "
-                             "built yet, so it cannot be synced to the rollout",
-                             "use a dense model for RL; MoE models train and convert (HF <-> Megatron) only")
+    """vLLM splits the query heads and the MLP rows (every expert's, for MoE) evenly over ``tp``."""
     if shape.heads % tp:
         raise LayoutError.of("rollout.tp", f"{tp} does not divide num_attention_heads={shape.heads}",
                              "choose a rollout.tp that divides the attention heads")
-    if shape.ffn % tp:
+    if shape.moe is not None:
+        if tp > shape.moe.experts:  # Qwen3MoeSparseMoeBlock raises on this
+            raise LayoutError.of("rollout.tp", f"{tp} is greater than num_experts={shape.moe.experts}",
+                                 "choose a rollout.tp of at most the number of experts")
+        if shape.moe.ffn % tp:
+            raise LayoutError.of("rollout.tp", f"{tp} does not divide moe_intermediate_size={shape.moe.ffn}",
+                                 "choose a rollout.tp that divides moe_intermediate_size")
+    elif shape.ffn % tp:
         raise LayoutError.of("rollout.tp", f"{tp} does not divide intermediate_size={shape.ffn}",
                              "choose a rollout.tp that divides intermediate_size")
 
@@ -86,7 +100,8 @@ def vllm_layer_tensors(shape: ModelShape, *, tp: int, tp_rank: int, layer: int) 
     nh = shape.heads // tp
     return layer_tensors(shape, names=VLLM_LAYER, layer=layer, local_layer=layer, tp=tp, tp_rank=tp_rank,
                          q_heads=range(tp_rank * nh, (tp_rank + 1) * nh),
-                         kv_heads=vllm_kv_heads(shape, tp=tp, tp_rank=tp_rank), interleave=False)
+                         kv_heads=vllm_kv_heads(shape, tp=tp, tp_rank=tp_rank), interleave=False,
+                         experts=range(shape.moe.experts) if shape.moe is not None else range(0))
 
 
 def vllm_rank_tensors(shape: ModelShape, *, tp: int, tp_rank: int) -> dict[str, LocalTensor]:

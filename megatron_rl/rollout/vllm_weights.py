@@ -8,6 +8,12 @@ shard (vLLM's own TP layout, names as in ``model.named_parameters()``) and re-ru
 post-load processing (the packing) for exactly the modules that changed, so a sync never
 needs full HF tensors. Off CPU the parameters are ordinary tensors and are copied in place.
 
+An MoE layer's experts are stacked by vLLM (``...experts.routed_experts.w13_weight`` ``[E, 2f, H]``,
+``w2_weight`` ``[E, H, f]``); the receiver names each expert's shard ``w13_weight[j]`` /
+``w2_weight[j]`` (``(2f, H)`` / ``(H, f)``, the layout algebra's names). On CPU vLLM pads and prepacks
+the stack after loading, so the shards of a layer are staged unpacked and, once all have arrived (or
+at the end), handed to vLLM's own CPU post-load step: the layer holds what vLLM's load leaves.
+
 Receiver API used by the weight sync (every rank, in lockstep)::
 
     w = VllmWeights(model, cpu=True)
@@ -43,6 +49,8 @@ class _Slot:
     shape: tuple[int, ...]
     dtype: torch.dtype
     packed_linear: bool  # the live Parameter is empty; the data lives in module.cpu_linear
+    expert: int = -1  # >= 0: expert ``expert`` (dim 0) of a stacked fused-experts Parameter
+    packed_experts: bool = False  # that stack is held padded and prepacked (vLLM's CPU experts)
 
 
 def _kernel_shape(module: torch.nn.Module, attr: str, live: torch.Tensor) -> tuple[int, ...]:
@@ -53,6 +61,15 @@ def _kernel_shape(module: torch.nn.Module, attr: str, live: torch.Tensor) -> tup
     if shape is None:
         raise WeightUpdateError(f"no recorded shape for {attr} of {type(module).__name__}")
     return shape
+
+
+@dataclass
+class _ExpertStage:
+    """One fused-experts layer during an update: unpacked ``w13_weight`` / ``w2_weight`` stacks
+    and the per-expert slot names still to come."""
+
+    tensors: dict[str, torch.Tensor]
+    missing: set[str]
 
 
 class VllmWeights:
@@ -67,6 +84,8 @@ class VllmWeights:
         self._updating = False
         self._loaded: set[str] = set()
         self._repack: dict[int, torch.nn.Module] = {}
+        self._expert_slots: dict[str, list[str]] = {}  # fused-experts module -> its per-expert slot names
+        self._stages: dict[str, _ExpertStage] = {}  # fused-experts module -> unpacked staging (one update)
         self.dropped = False
         self._index()
 
@@ -78,6 +97,9 @@ class VllmWeights:
         for name, param in self.model.named_parameters():
             mod_name, _, attr = name.rpartition(".")
             mod = modules[mod_name]
+            if attr in vllm_compat.EXPERT_ATTRS and vllm_compat.is_fused_experts(mod):
+                self._index_experts(name, mod_name, mod, attr, param)
+                continue
             packed_linear = self.cpu and attr == "weight" and param.numel() == 0 and vllm_compat.has_cpu_linear(mod)
             self.slots[name] = _Slot(mod_name, attr, _kernel_shape(mod, attr, param), param.dtype, packed_linear)
         # Embedding-style modules keep their weight and also hold a packed copy of it; with
@@ -86,6 +108,13 @@ class VllmWeights:
             w = mod._parameters.get("weight")
             if self.cpu and vllm_compat.has_cpu_linear(mod) and w is not None and w.numel() > 0:
                 self._owners.setdefault(id(w), []).append(mod)
+
+    def _index_experts(self, name: str, mod_name: str, mod, attr: str, param) -> None:
+        shape, packed = vllm_compat.expert_shapes(mod)[attr], self.cpu and vllm_compat.packed_experts(mod)
+        for j in range(param.shape[0]):  # (E_local, ...): packing keeps the shape
+            self.slots[f"{name}[{j}]"] = _Slot(mod_name, attr, shape, param.dtype, False, expert=j,
+                                               packed_experts=packed)
+            self._expert_slots.setdefault(mod_name, []).append(f"{name}[{j}]")
 
     def _module(self, name: str) -> torch.nn.Module:
         return self._mods[self.slots[name].module_name]
@@ -123,7 +152,7 @@ class VllmWeights:
                                     "call engine.resume(['weights']) before syncing")
         if self._updating:
             raise WeightUpdateError("begin_weight_update() called twice without end_weight_update()")
-        self._updating, self._loaded, self._repack = True, set(), {}
+        self._updating, self._loaded, self._repack, self._stages = True, set(), {}, {}
 
     @torch.no_grad()
     def load_shards(self, shards: Iterable[tuple[str, torch.Tensor]], *, donate: bool = False) -> int:
@@ -143,7 +172,11 @@ class VllmWeights:
             if tuple(tensor.shape) != slot.shape:
                 raise WeightUpdateError(f"{name}: shard shape {tuple(tensor.shape)} != this rank's "
                                         f"vLLM shape {slot.shape}")
-            if slot.packed_linear:
+            if slot.packed_experts:
+                self._stage_expert(name, slot, tensor)
+            elif slot.expert >= 0:
+                self._param(name).data[slot.expert].copy_(tensor)
+            elif slot.packed_linear:
                 self._pack_linear(name, slot, tensor, donated=donate)
             else:
                 param = self._param(name)
@@ -159,6 +192,8 @@ class VllmWeights:
         if not self._updating:
             raise WeightUpdateError("end_weight_update() without begin_weight_update()")
         self._updating = False
+        for mod_name in list(self._stages):  # layers whose experts arrived only in part
+            self._flush_experts(mod_name)
         for mod in self._repack.values():
             vllm_compat.repack(mod)
         self._repack = {}
@@ -181,6 +216,32 @@ class VllmWeights:
         # builds the packed closure and leaves the Parameter empty again.
         vllm_compat.repack(mod)
 
+    def _stage_expert(self, name: str, slot: _Slot, tensor: torch.Tensor) -> None:
+        stage = self._stages.get(slot.module_name)
+        if stage is None:
+            mod, names = self._mods[slot.module_name], self._expert_slots[slot.module_name]
+            if mod.w13_weight.numel() > 0:  # keep the experts this update does not overwrite
+                w13, w2 = vllm_compat.unpack_experts(mod)
+            else:  # released: nothing to keep
+                e, shapes = len(names) // 2, vllm_compat.expert_shapes(mod)
+                w13, w2 = (torch.zeros((e, *shapes[a]), dtype=slot.dtype) for a in vllm_compat.EXPERT_ATTRS)
+            stage = self._stages[slot.module_name] = _ExpertStage({"w13_weight": w13, "w2_weight": w2}, set(names))
+        stage.tensors[slot.attr][slot.expert].copy_(tensor)
+        stage.missing.discard(name)
+        if not stage.missing:  # the whole layer is here: pack it now (one layer staged at a time)
+            self._flush_experts(slot.module_name)
+
+    def _flush_experts(self, mod_name: str) -> None:
+        stage = self._stages.pop(mod_name)
+        vllm_compat.repack_experts(self._mods[mod_name], stage.tensors["w13_weight"], stage.tensors["w2_weight"])
+
+    def _read_experts(self, cache: dict, name: str, slot: _Slot) -> torch.Tensor:
+        mod = self._mods[slot.module_name]
+        if slot.module_name not in cache:
+            cache[slot.module_name] = dict(zip(vllm_compat.EXPERT_ATTRS, vllm_compat.unpack_experts(mod))) \
+                if slot.packed_experts else {a: getattr(mod, a).detach() for a in vllm_compat.EXPERT_ATTRS}
+        return cache[slot.module_name][slot.attr][slot.expert].clone()
+
     # -- full HF tensors (vLLM slices them per rank): the baseline path -------------------------
 
     def update_weights_hf(self, worker, hf_named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -201,9 +262,12 @@ class VllmWeights:
         """A host copy of every parameter in kernel format (this rank's shard)."""
         if self.dropped:
             raise WeightUpdateError("cannot read weights: they are released on this rank")
-        out = {}
+        out, experts = {}, {}
         for name, slot in self.slots.items():
-            out[name] = self._read_linear(name, slot) if slot.packed_linear else self._param(name).detach().clone()
+            if slot.expert >= 0:
+                out[name] = self._read_experts(experts, name, slot)
+            else:
+                out[name] = self._read_linear(name, slot) if slot.packed_linear else self._param(name).detach().clone()
         return out
 
     def _read_linear(self, name: str, slot: _Slot) -> torch.Tensor:
@@ -234,7 +298,7 @@ class VllmWeights:
     def allocate(self) -> None:
         """Re-create uninitialised parameters (contents arrive with the next sync)."""
         for name, slot in self.slots.items():
-            if not slot.packed_linear:
+            if not slot.packed_linear and slot.expert < 0:  # a stacked expert stays empty until its sync
                 self._param(name).data = torch.empty(slot.shape, dtype=slot.dtype)
         self.dropped = False
 

@@ -22,6 +22,11 @@ MODELS = {
     # kv 4: Megatron TP4 possible.
     "q3": ("qwen3", dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=4, head_dim=32,
                          intermediate_size=128, num_hidden_layers=2, vocab_size=250), False),
+    # Qwen3-MoE, 8 experts top-2: moe_intermediate_size 96 splits to 48 at vLLM TP2, which vLLM's CPU
+    # experts pad to 64 (alignment 32) before prepacking: the sync must reproduce both.
+    "qm": ("qwen3_moe", dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=4, head_dim=32,
+                             intermediate_size=128, moe_intermediate_size=96, num_hidden_layers=2,
+                             vocab_size=250), False),
 }
 PROMPTS = ["Hello world, ", "The quick brown fox", "0123456789", "RL on CPU: "]
 
@@ -133,19 +138,25 @@ class Receiver:
         self.received = {}
 
 
-def build_megatron(path: str, *, tp: int, pp: int, hf_config):
-    """Megatron parallel state + GPTModel for (tp, pp) on the existing world, loaded from HF."""
+def build_megatron(path: str, *, tp: int, pp: int, hf_config, ep: int = 1):
+    """Megatron parallel state + GPTModel for (tp, pp, ep) on the existing world, loaded from HF."""
     from megatron_rl.config import ParallelConfig
     from megatron_rl.models import build_gpt
     from megatron_rl.checkpoint.megatron import load_hf_into
     from megatron_rl.parallel import destroy_distributed, init_distributed
 
     destroy_distributed(keep_process_group=True)
-    parallel = ParallelConfig(tp=tp, pp=pp, timeout_s=120)
+    parallel = ParallelConfig(tp=tp, pp=pp, ep=ep, timeout_s=120)
     topo = init_distributed(parallel)
     chunks = build_gpt(hf_config, parallel=parallel, topo=topo)
     load_hf_into(chunks, path, topo=topo, hf_config=hf_config)
     return chunks, topo.grid
+
+
+def held_experts(weights) -> dict:
+    """What vLLM holds for each fused-experts stack (on CPU: padded and prepacked), read straight
+    from the model's parameters, not through the receiver's unpacking."""
+    return {n: p.detach().clone() for n, p in weights.model.named_parameters() if ".routed_experts." in n}
 
 
 def diff_shards(got: dict, want: dict) -> list:

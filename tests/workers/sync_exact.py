@@ -23,7 +23,7 @@ import sync_common as C  # noqa: E402
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from _bounds import plan_cross_rank_bytes, sync_lower_bound  # noqa: E402
+from _bounds import element_masks, plan_cross_rank_bytes, sync_lower_bound  # noqa: E402
 from _launch import write_result  # noqa: E402
 
 from megatron_rl.models.shape import ModelShape  # noqa: E402
@@ -41,19 +41,21 @@ def layout_vs_vllm(shape, hf, ref, *, tv, world, rank):
 
 
 def parse_case(case: str) -> tuple:
-    """"TMxPM" (the default transport: coalesced per peer over gloo) or "TMxPM:p2p" (TorchP2P with
-    coalesce=False: one message per slice, the path NCCL takes) -> (tm, pm, coalesce or None)."""
+    """"TMxPM[eEP]" (the default transport: coalesced per peer over gloo) or "TMxPM:p2p" (TorchP2P with
+    coalesce=False: one message per slice, the path NCCL takes) -> (tm, pm, ep, coalesce or None).
+    "1x2e2" is Megatron TP1 x PP2 x EP2 (an MoE model)."""
     layout, _, transport = case.partition(":")
     if transport not in ("", "p2p"):
         raise ValueError(f"case {case!r}: transport suffix must be ':p2p' or nothing")
+    layout, _, ep = layout.partition("e")
     tm, pm = (int(x) for x in layout.split("x"))
-    return tm, pm, (False if transport == "p2p" else None)
+    return tm, pm, int(ep or 1), (False if transport == "p2p" else None)
 
 
 def run_case(path, hf_config, shape, recv, *, case, tv, bucket, seed):
     world, rank = dist.get_world_size(), dist.get_rank()
-    tm, pm, coalesce = parse_case(case)
-    chunks, grid = C.build_megatron(path, tp=tm, pp=pm, hf_config=hf_config)
+    tm, pm, ep, coalesce = parse_case(case)
+    chunks, grid = C.build_megatron(path, tp=tm, pp=pm, ep=ep, hf_config=hf_config)
     recv.scramble(seed)
     src, dst = megatron_layout(shape, grid), vllm_layout(shape, tp=tv, world_size=world)
     ws = WeightSync(chunks, recv, src_layout=src, dst_layout=dst, bucket_bytes=bucket, timeout=60, verify=True,
@@ -65,7 +67,8 @@ def run_case(path, hf_config, shape, recv, *, case, tv, bucket, seed):
                 lower_bound=ws.plan.lower_bound, bound=sync_lower_bound(src, dst, elem_size=ws.plan.elem_size), carried=plan_cross_rank_bytes(ws.plan),
                 sent=stats.bytes_sent, received=stats.bytes_received, local=stats.bytes_local,
                 buckets=len(ws.plan.buckets), peak_extra=stats.peak_extra_bytes, seconds=seconds,
-                verified=ws.verify(), delivered=sorted(recv.received), rank=rank)
+                verified=ws.verify(), delivered=sorted(recv.received), rank=rank,
+                own_need=int(sum(m.sum() for m in element_masks(dst)[rank].values())) * ws.plan.elem_size)
 
 
 def main():
@@ -89,8 +92,8 @@ def main():
     shape = ModelShape.from_hf_config(hf_config)
     hf = C.hf_tensors(path)
     cases = args.cases.split(",")
-    tm, pm, _ = parse_case(cases[0])
-    C.build_megatron(path, tp=tm, pp=pm, hf_config=hf_config)  # megatron before vLLM
+    tm, pm, ep, _ = parse_case(cases[0])
+    C.build_megatron(path, tp=tm, pp=pm, ep=ep, hf_config=hf_config)  # megatron before vLLM
     world, rank = dist.get_world_size(), dist.get_rank()
     t_llm = time.perf_counter()
     engine = C.make_engine(path, tp=args.tv, dummy=args.dummy, run_dir=os.environ["OUT_DIR"])
@@ -99,14 +102,15 @@ def main():
     out = dict(rank=rank, world=world, tv=args.tv, model=args.model, dummy=args.dummy, cases=[],
                t_setup=t_llm - t_start, t_llm=time.perf_counter() - t_llm)
     if not args.dummy:
-        ref, ref_gen = recv.weights.read_shards(), C.greedy(llm)
+        ref, ref_gen, ref_held = recv.weights.read_shards(), C.greedy(llm), C.held_experts(recv.weights)
     for i, case in enumerate(cases):
         res = run_case(path, hf_config, shape, recv, case=case, tv=args.tv, bucket=args.bucket, seed=i)
-        got, gen = recv.weights.read_shards(), C.greedy(llm)
+        got, gen, held = recv.weights.read_shards(), C.greedy(llm), C.held_experts(recv.weights)
         if args.dummy and i == 0:  # reference: vLLM's own checkpoint-format load of the HF tensors
             engine.update_weights(hf.items())  # vLLM layerwise reload + prefix-cache reset
-            ref, ref_gen = recv.weights.read_shards(), C.greedy(llm)
+            ref, ref_gen, ref_held = recv.weights.read_shards(), C.greedy(llm), C.held_experts(recv.weights)
         res.update(mismatched=C.diff_shards(got, ref), gen_equal=gen == ref_gen, gen=gen[:2],
+                   held_mismatched=C.diff_shards(held, ref_held), held_experts=len(ref_held),
                    names=len(ref), scrambled_differs=None)
         res["t_case"] = time.perf_counter() - t_start
         out["cases"].append(res)
@@ -115,6 +119,8 @@ def main():
     # The noise really changes the output (so equal generations above are evidence).
     recv.scramble(99)
     out["noise_gen_differs"] = C.greedy(llm) != ref_gen
+    out["noise_held_differs"] = sorted(n for n, t in C.held_experts(recv.weights).items()
+                                       if not torch.equal(t, ref_held[n]))
     if args.sweep_cases:
         sweep_then_fault(args, path, hf_config, hf, out)
     write_result(out)
