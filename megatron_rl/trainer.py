@@ -342,7 +342,7 @@ def train(cfg: Config, *, hf_config, rt=None) -> dict:
         ev_first, ev_last, ev_gain = reward_gain(explained)
         log.print(f"critic explained variance first 20%: {ev_first:.4f}  last 20%: {ev_last:.4f}  rise: {ev_gain:+.4f}")
     log.close()
-    faults.fire("train:end", rollout=rollout, tokenizer=job.tokenizer, rank=job.rank)  # test seam; a no-op
+    faults.fire("train:end", rollout=job.rollout, tokenizer=job.tokenizer, rank=job.rank)  # test seam; a no-op
     if job.rank == 0 and L.jsonl:  # the PNG next to metrics.jsonl (one line instead without matplotlib)
         log.print(end_of_run_plot(L.run_dir))
     # Megatron's state only: vLLM's shutdown at exit destroys its groups and the default one.

@@ -1,16 +1,19 @@
 """Tier 1: house rules that hold over the whole package, read from its source with ``ast``.
 
 - no import cycles between megatron_rl's modules (module-level and function-level imports);
-- every config key path an error message names (``sync.bucket_bytes``) exists in the schema.
+- every config key path an error message names (``sync.bucket_bytes``) exists in the schema;
+- no function reads a global name that its module never defines (the NameError a merge leaves).
 
 Each check has a planted negative control, so that it cannot pass vacuously.
 """
 from __future__ import annotations
 
 import ast
+import builtins
 import dataclasses
 import os
 import re
+import symtable
 
 import pytest
 
@@ -218,3 +221,38 @@ def test_every_config_key_is_read():
     keys = schema_keys()
     assert unread_keys(REPO, "megatron_rl", keys) == []
     assert unread_keys(REPO, "megatron_rl", keys | {"sync.never_read_key"}) == ["sync.never_read_key"]  # control
+
+
+def undefined_globals(source: str, filename: str = "<src>") -> list[str]:
+    """``scope:name`` for every name a function or class body reads as a global that the module
+    never binds (assignment, import, def, class) and that is not a builtin."""
+    top = symtable.symtable(source, filename, "exec")
+    bound = {s.get_name() for s in top.get_symbols() if s.is_assigned() or s.is_imported() or s.is_namespace()}
+    bound |= set(dir(builtins)) | {"__file__", "__name__", "__doc__", "__spec__", "__path__", "__builtins__"}
+    out, todo = [], list(top.get_children())
+    while todo:
+        scope = todo.pop()
+        todo += scope.get_children()
+        out += [f"{scope.get_name()}:{s.get_name()}" for s in scope.get_symbols()
+                if s.is_referenced() and s.is_global() and s.get_name() not in bound]
+    return sorted(out)
+
+
+def test_no_function_reads_an_undefined_global():
+    """The package, its tests (workers included), tools and benchmarks."""
+    modules = {**_modules(REPO, "megatron_rl"), **_modules(REPO, "tests"), **_modules(REPO, "tools"),
+               **_modules(REPO, "benchmarks")}
+    assert len(modules) > 120
+    found = {}
+    for name, path in modules.items():
+        with open(path) as f:
+            bad = undefined_globals(f.read(), path)
+        if bad:
+            found[name] = bad
+    assert found == {}
+
+
+def test_undefined_global_check_catches_a_planted_name():
+    src = ("import os\nX = 1\n\ndef ok(a):\n    return os.sep, X, len(a), ok\n\n"
+           "class C:\n    def m(self):\n        return rollout, C\n\ndef bad():\n    return job.rollout\n")
+    assert undefined_globals(src) == ["bad:job", "m:rollout"]
