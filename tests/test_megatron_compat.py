@@ -259,3 +259,39 @@ def test_patch12_split_sizes_become_numpy_on_cpu():
     got = td.maybe_move_tensor_to_cpu(torch.tensor([1, 2]), as_numpy=True)
     assert isinstance(got, np.ndarray) and got.tolist() == [1, 2]
     assert torch.is_tensor(td.maybe_move_tensor_to_cpu(torch.tensor([3])))  # as_numpy=False: unchanged
+
+
+def _uneven_worker(rank: int, world: int, init: str, out: dict) -> None:
+    import torch.distributed as dist
+
+    from megatron_rl.compat.megatron_uneven import gather_uneven, reduce_scatter_uneven
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    sizes = [2, 5, 1][:world]
+    mine = torch.full((sizes[rank], 3), float(rank + 1))
+    gathered = gather_uneven(mine, sizes, group=dist.group.WORLD)
+    x = torch.arange(sum(sizes) * 3, dtype=torch.float32).view(-1, 3) * (rank + 1)
+    scattered = reduce_scatter_uneven(x, sizes, group=dist.group.WORLD)
+    out[rank] = (gathered.tolist(), scattered.tolist())
+    dist.destroy_process_group()
+
+
+def test_patch13_uneven_gathers_over_gloo(tmp_path):
+    """Three gloo processes with 2, 5 and 1 rows: the gather is every rank's rows in rank order,
+    the reduce-scatter each rank's own rows summed over ranks (expected values by hand); and
+    megatron-core still gathers with list collectives (the cause, upstream)."""
+    import torch.multiprocessing as mp
+
+    world, sizes = 3, [2, 5, 1]
+    out = mp.Manager().dict()
+    mp.spawn(_uneven_worker, args=(world, f"file://{tmp_path / 'store'}", out), nprocs=world, join=True)
+    want_gather = [[float(r + 1)] * 3 for r in range(world) for _ in range(sizes[r])]
+    base = torch.arange(sum(sizes) * 3, dtype=torch.float32).view(-1, 3) * sum(range(1, world + 1))
+    starts = [0, 2, 7]
+    for r in range(world):
+        assert out[r][0] == want_gather
+        assert out[r][1] == base[starts[r]:starts[r] + sizes[r]].tolist()
+    mappings = _mod("megatron.core.tensor_parallel.mappings")
+    assert "torch.distributed.all_gather(output_tensor_list" in inspect.getsource(mappings._gather_along_first_dim.__wrapped__)
+    assert "torch.distributed.reduce_scatter(output" in inspect.getsource(
+        mappings._reduce_scatter_along_first_dim.__wrapped__)

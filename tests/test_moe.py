@@ -124,14 +124,13 @@ def test_impossible_expert_layouts_are_one_line_errors():
         (lambda: megatron_layout(ModelShape.from_hf_config(tiny_hf_config("qwen3")), RankGrid(world_size=2, ep=2)),
          "parallel.ep=2 needs a mixture-of-experts model (Qwen3ForCausalLM is dense); fix: set parallel.ep=1"),
         (lambda: RankGrid(world_size=4, tp=2, ep=4), "parallel.ep=4 does not divide the 2 ranks"),
-        (lambda: check_moe_parallel(ParallelConfig(tp=2, sequence_parallel=True), gloo=True),
-         "parallel.tp=2 with an MoE model is not supported on CPU"),
-        (lambda: check_moe_parallel(ParallelConfig(tp=2), gloo=False), "parallel.sequence_parallel=false"),
+        (lambda: check_moe_parallel(ParallelConfig(tp=2)), "parallel.sequence_parallel=false"),
         (lambda: ParallelConfig(ep=0), "parallel.ep"),
     ]
     for make, message in cases:
         with pytest.raises((LayoutError, ConfigError)) as e:
             make()
         assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
-    check_moe_parallel(ParallelConfig(tp=1), gloo=True)  # the supported CPU layout passes
+    check_moe_parallel(ParallelConfig(tp=1))
+    check_moe_parallel(ParallelConfig(tp=2, sequence_parallel=True))  # TP with SP: gloo too (compat patch 13)
     megatron_layout(shape, RankGrid(world_size=8, ep=8))

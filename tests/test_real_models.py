@@ -72,7 +72,8 @@ def test_slab_bound_equals_the_mask_bound(world, tp, pp, vtp):
         assert slab_lower_bound(src, shifted, elem_size=2) == sync_lower_bound(src, shifted, elem_size=2)
 
 
-@pytest.mark.parametrize("name,world,tp,pp,vtp", LAYOUTS)
+# Qwen2.5-72B's family (qkv bias) plans here at 7B; its 72B shapes are checked on meta below.
+@pytest.mark.parametrize("name,world,tp,pp,vtp", [x for x in LAYOUTS if x[0] != "Qwen2.5-72B"])
 def test_real_model_plan_moves_exactly_the_bound(name, world, tp, pp, vtp):
     src, dst = layouts(name, world, tp, pp, vtp)
     plan = make_plan(src, dst=dst, bucket_bytes=BUCKET, elem_size=2, staging_bytes=UNBOUNDED)

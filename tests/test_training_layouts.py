@@ -27,7 +27,7 @@ FAMILIES = ("llama", "qwen2", "qwen3")
 LAYOUTS = ("2,2,1", "2,2,1,sp,do", "1,2,1", "2,1,2", "1,2,2")  # tp,pp,cp[,sp][,do]; dp fills world 4
 MOE = "qwen3-moe"
 MOE_REF = "1,1,1,ep1"
-MOE_LAYOUTS = ("1,1,1,ep2", "1,2,1,ep2")  # EP2 x DP2, PP2 x EP2 (expert DP 1)
+MOE_LAYOUTS = ("1,1,1,ep2", "1,2,1,ep2", "2,1,1,sp,ep2")  # EP2 x DP2, PP2 x EP2 (expert DP 1), TP2 x EP2
 RTOL = 1e-5
 
 

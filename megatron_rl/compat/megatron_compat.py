@@ -43,6 +43,9 @@ The patches (each one is checked by tests/test_megatron_compat.py, which fails i
     (NameError otherwise). Set to None, so the router takes its own ``torch.mm`` path. Applied on
     every device (:func:`apply_for`), as a GPU without TE hits the same NameError; where TE
     defined the name it is left alone.
+13. *uneven gathers over gloo* (MoE at TP > 1: the token dispatcher gathers and reduce-scatters
+    different token counts per TP rank with list collectives, which gloo refuses): padded to
+    equal sizes; see ``megatron_uneven``.
 
 Usage::
 
@@ -63,6 +66,7 @@ import torch
 
 from megatron_rl.compat import require_tested
 from megatron_rl.compat.megatron_distopt import _MARK, patch_load
+from megatron_rl.compat import megatron_uneven
 
 
 TESTED = ("0.16.1",)
@@ -464,5 +468,6 @@ def apply(*, force: bool = False) -> bool:
         rewrite_function(importlib.import_module(modname), qualname, repl)
     patch_load()
     _patch_moe()
+    megatron_uneven.apply()
     setattr(marker, _MARK, True)
     return True

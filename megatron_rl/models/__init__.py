@@ -194,7 +194,7 @@ def megatron_config(hf_config, *, parallel, dtype=torch.float32, recompute: str 
         raise LayoutError("model config: attention_bias=true is not supported for Llama; fix: use attention_bias=false")
     on_cpu = not torch.cuda.is_available()
     if shape.moe is not None:
-        check_moe_parallel(parallel, gloo=on_cpu)
+        check_moe_parallel(parallel)
     _, attention_factor = rope_inv_freq(hf_config)
     # YaRN scales cos and sin by attention_factor, i.e. every q.k score by its square.
     softmax_scale = None if attention_factor == 1.0 else attention_factor ** 2 / math.sqrt(shape.head_dim)
@@ -217,14 +217,9 @@ def megatron_config(hf_config, *, parallel, dtype=torch.float32, recompute: str 
     )
 
 
-def check_moe_parallel(parallel, *, gloo: bool) -> None:
-    """megatron-core's rules for an MoE model's TP: sequence parallel with it, and (measured) not
-    on gloo: the all-to-all dispatcher all-gathers uneven token counts over TP, which gloo's
-    allgather refuses ("invalid tensor size")."""
-    if parallel.tp > 1 and gloo:
-        raise LayoutError.of("parallel.tp", f"{parallel.tp} with an MoE model is not supported on CPU (gloo: "
-                             "megatron's token dispatcher all-gathers uneven sizes over TP)",
-                             "use parallel.tp=1 and parallel.ep for the experts on CPU")
+def check_moe_parallel(parallel) -> None:
+    """megatron-core's rule for an MoE model's TP: sequence parallel with it. (Over gloo the
+    dispatcher's uneven gathers go through patch 13 of ``megatron_compat``.)"""
     if parallel.tp > 1 and not parallel.sequence_parallel:
         raise LayoutError.of("parallel.sequence_parallel", "false with an MoE model at parallel.tp > 1 "
                              "(megatron-core requires it)", "set parallel.sequence_parallel=true")

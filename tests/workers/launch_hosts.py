@@ -14,6 +14,7 @@ All traffic stays inside the namespaces made here (addresses 10.231.x.y on the v
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 
 APT_PACKAGES = {"ip": "iproute2", "slurmctld": "slurm-wlm", "slurmd": "slurm-wlm", "sbatch": "slurm-wlm",
@@ -122,6 +123,9 @@ class SlurmCluster:
 
     def __init__(self, hosts: NetnsHosts, *, workdir: str):
         self.h, self.dir = hosts, workdir
+        # slurmstepd's unix sockets live in the spool dir, whose path must stay under 108 bytes:
+        # a short directory of its own, not the (long, numbered) pytest tmp path
+        self.spool = tempfile.mkdtemp(prefix="mrl-slurm-", dir="/tmp")
         self.conf = os.path.join(workdir, "slurm.conf")
         self.sock = os.path.join(workdir, "munge.sock")
         self.env = dict(os.environ, SLURM_CONF=self.conf)
@@ -139,7 +143,7 @@ AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket={self.sock}
 StateSaveLocation={d}/state
-SlurmdSpoolDir={d}/spool-%n
+SlurmdSpoolDir={self.spool}/%n
 SlurmctldPidFile={d}/slurmctld.pid
 SlurmdPidFile={d}/slurmd-%n.pid
 SlurmctldLogFile={d}/slurmctld.log
@@ -160,8 +164,9 @@ InactiveLimit=0
 KillWait=5
 {nodes}PartitionName=debug Nodes=ALL Default=YES MaxTime=10 State=UP OverSubscribe=YES
 """
-        for sub in ["state"] + [f"spool-{n}" for n in h.names]:
-            os.makedirs(os.path.join(d, sub), exist_ok=True)
+        os.makedirs(os.path.join(d, "state"), exist_ok=True)
+        for n in h.names:
+            os.makedirs(os.path.join(self.spool, n), exist_ok=True)
         with open(self.conf, "w") as f:
             f.write(text)
 
@@ -227,6 +232,7 @@ KillWait=5
         for p in reversed(self.daemons):
             kill_tree(p.pid)
             p.wait(timeout=10)
+        shutil.rmtree(self.spool, ignore_errors=True)
 
     def __exit__(self, *exc):
         self.close()
