@@ -264,7 +264,7 @@ def test_patch12_split_sizes_become_numpy_on_cpu():
 def _uneven_worker(rank: int, world: int, init: str, out: dict) -> None:
     import torch.distributed as dist
 
-    from megatron_rl.compat.megatron_uneven import gather_uneven, reduce_scatter_uneven
+    from megatron_rl.parallel.collectives import gather_uneven, reduce_scatter_uneven
 
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     sizes = [2, 5, 1][:world]

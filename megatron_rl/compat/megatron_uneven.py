@@ -7,37 +7,31 @@ with list collectives (``all_gather`` into uneven views, ``reduce_scatter`` of a
 NCCL runs and gloo refuses ("ProcessGroupGloo::allgather: invalid tensor size"). Here both go
 through equal-size collectives instead: each rank's rows are padded to the largest count,
 gathered (or reduce-scattered) as one flat tensor, and trimmed. Values are the same; only
-the padding moves. Equal splits and single-rank groups take megatron-core's own path.
+the padding moves. Equal splits and single-rank groups take megatron-core's own path. The
+padded collectives are :func:`megatron_rl.parallel.collectives.gather_uneven` and
+``reduce_scatter_uneven`` (registered here when that module is imported).
 """
 from __future__ import annotations
 
 import importlib
 
-import torch
-import torch.distributed as dist
-
 _MARK = "_megatron_rl_uneven"
 
 
-def gather_uneven(x: torch.Tensor, sizes: list, *, group) -> torch.Tensor:
-    """Rows of every rank (``sizes[r]`` of rank r), concatenated in rank order: (sum(sizes), ...)."""
-    world, pad = len(sizes), max(sizes)
-    padded = x.new_zeros((pad, *x.shape[1:]))
-    padded[:x.shape[0]] = x
-    out = x.new_empty((pad * world, *x.shape[1:]))
-    dist.all_gather_into_tensor(out, padded, group=group)
-    return torch.cat([out[r * pad:r * pad + n] for r, n in enumerate(sizes)])
+_IMPL: dict = {}  # "gather", "reduce_scatter": set by megatron_rl.parallel.collectives at import
 
 
-def reduce_scatter_uneven(x: torch.Tensor, sizes: list, *, group) -> torch.Tensor:
-    """The sum over ranks of rows ``[sum(sizes[:r]), sum(sizes[:r+1]))`` of ``x``, on rank r."""
-    world, pad = len(sizes), max(sizes)
-    padded = x.new_zeros((pad * world, *x.shape[1:]))
-    for r, chunk in enumerate(torch.split(x, sizes, dim=0)):
-        padded[r * pad:r * pad + chunk.shape[0]] = chunk
-    out = x.new_empty((pad, *x.shape[1:]))
-    dist.reduce_scatter_tensor(out, padded, group=group)
-    return out[:sizes[dist.get_rank(group)]].clone()
+def register(*, gather, reduce_scatter) -> None:
+    """The equal-size implementations (they live with the other collectives, which check every
+    tensor's device; compat cannot import them without an import cycle through the parallel package)."""
+    _IMPL.update(gather=gather, reduce_scatter=reduce_scatter)
+
+
+def _impl(name: str):
+    if name not in _IMPL:
+        raise RuntimeError("megatron_uneven: no collectives registered; fix: import megatron_rl.parallel.collectives "
+                           "before running megatron-core (init_distributed does)")
+    return _IMPL[name]
 
 
 def apply() -> bool:
@@ -51,12 +45,12 @@ def apply() -> bool:
     def _gather_along_first_dim(input_, group, output_split_sizes=None, use_global_buffer=False):
         if output_split_sizes is None or group.size() == 1 or len(set(output_split_sizes)) == 1:
             return gather(input_, group, output_split_sizes, use_global_buffer)
-        return gather_uneven(input_.contiguous(), list(output_split_sizes), group=group)
+        return _impl("gather")(input_.contiguous(), list(output_split_sizes), group=group)
 
     def _reduce_scatter_along_first_dim(input_, group, input_split_sizes=None, use_global_buffer=False):
         if input_split_sizes is None or group.size() == 1 or len(set(input_split_sizes)) == 1:
             return scatter(input_, group, input_split_sizes, use_global_buffer)
-        return reduce_scatter_uneven(input_.contiguous(), list(input_split_sizes), group=group)
+        return _impl("reduce_scatter")(input_.contiguous(), list(input_split_sizes), group=group)
 
     _gather_along_first_dim.__wrapped__, _reduce_scatter_along_first_dim.__wrapped__ = gather, scatter
     mappings._gather_along_first_dim = _gather_along_first_dim

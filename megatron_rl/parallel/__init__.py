@@ -29,6 +29,7 @@ from typing import Optional
 import torch
 
 from megatron_rl.compat import megatron_compat
+from megatron_rl.parallel import collectives  # noqa: F401  (registers compat patch 13's padded collectives)
 from megatron_rl.parallel.grid import LayoutError, RankGrid, TrainCoord
 from megatron_rl.parallel.topology import RolloutGrid, Topology
 

@@ -23,9 +23,12 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
+from megatron_rl.compat import megatron_uneven
+
 __all__ = ["backend_device", "device_for_backend", "check_on_device", "CollectiveDeviceError", "zeros", "tensor",
            "all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor",
-           "all_gather_object", "broadcast_object", "barrier", "batch_p2p", "isend", "irecv", "sum_max", "gather_flags"]
+           "all_gather_object", "broadcast_object", "barrier", "batch_p2p", "isend", "irecv", "sum_max", "gather_flags",
+           "gather_uneven", "reduce_scatter_uneven"]
 
 _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
 
@@ -149,3 +152,26 @@ def gather_flags(flag: bool, *, group=None) -> list:
     """One int per rank of ``group``: cheap agreement checks (errors travel separately)."""
     return [int(f) for f in all_gather(tensor([1 if flag else 0], dtype=torch.int64, group=group), group=group)]
 
+
+def gather_uneven(x: torch.Tensor, sizes: list, *, group) -> torch.Tensor:
+    """Rows of every rank (``sizes[r]`` of rank r), concatenated in rank order: (sum(sizes), ...)."""
+    world, pad = len(sizes), max(sizes)
+    padded = x.new_zeros((pad, *x.shape[1:]))
+    padded[:x.shape[0]] = x
+    out = x.new_empty((pad * world, *x.shape[1:]))
+    all_gather_into_tensor(out, padded, group=group)
+    return torch.cat([out[r * pad:r * pad + n] for r, n in enumerate(sizes)])
+
+
+def reduce_scatter_uneven(x: torch.Tensor, sizes: list, *, group) -> torch.Tensor:
+    """The sum over ranks of rows ``[sum(sizes[:r]), sum(sizes[:r+1]))`` of ``x``, on rank r."""
+    world, pad = len(sizes), max(sizes)
+    padded = x.new_zeros((pad * world, *x.shape[1:]))
+    for r, chunk in enumerate(torch.split(x, sizes, dim=0)):
+        padded[r * pad:r * pad + chunk.shape[0]] = chunk
+    out = x.new_empty((pad, *x.shape[1:]))
+    reduce_scatter_tensor(out, padded, group=group)
+    return out[:sizes[dist.get_rank(group)]].clone()
+
+
+megatron_uneven.register(gather=gather_uneven, reduce_scatter=reduce_scatter_uneven)  # compat patch 13's collectives
