@@ -50,7 +50,10 @@ def write_config(tmp_path, *, world=4, timeout_s=30, steps=3, hf_path=None, **pa
 
 def statuses(run_dir: str) -> list:
     d = os.path.join(run_dir, "runtime", "ranks")
-    return [json.load(open(os.path.join(d, f))) for f in sorted(os.listdir(d))] if os.path.isdir(d) else []
+    # rank<r>.json only, as the report reads them: a rank killed mid-write leaves its atomic write's
+    # temporary (rank<r>.json.<pid>.tmp) beside its last complete record
+    return [json.load(open(os.path.join(d, f))) for f in sorted(os.listdir(d))
+            if f.startswith("rank") and f.endswith(".json")] if os.path.isdir(d) else []
 
 
 def leftover(pids, marker: str) -> list:
