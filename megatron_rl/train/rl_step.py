@@ -165,10 +165,9 @@ def ppo_step_targets(cfg, batch, rewards: list, *, values: dict, old_logp, ref_l
     kl, stats = None, {}
     if a.kl_coef > 0:
         kl = gather_table({k: old_logp[k] - ref_logp[k] for k in old_logp}, topo=topo)
-        per_resp = [kl[k].double() for k in keys]
-        tokens = sum(v.numel() for v in per_resp)
-        stats = {"ppo/kl_mean": float(sum(v.sum() for v in per_resp) / max(tokens, 1)),
-                 "ppo/kl_reward": float(-a.kl_coef * sum(v.sum() for v in per_resp) / len(per_resp))}
+        total = float(sum(kl[k].double().sum() for k in keys))
+        tokens = sum(kl[k].numel() for k in keys)
+        stats = {"ppo/kl_mean": total / max(tokens, 1), "ppo/kl_reward": -a.kl_coef * total / len(keys)}
     targets = ppo_targets(keys, scores=torch.tensor(rewards, dtype=torch.float64), values=values, gamma=a.gamma,
                           lam=a.lam, whiten_adv=a.whiten_advantages, kl=kl, kl_coef=a.kl_coef)
     return targets, stats
