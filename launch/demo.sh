@@ -10,21 +10,26 @@
 #   bash launch/demo.sh                         # SFT then RL, a fresh run in runs/demo
 #   bash launch/demo.sh train.steps=40          # any override of the RL job's config
 #   bash launch/demo.sh --quick                 # the quick digits task only (configs/tiny_cpu.yaml, GRPO)
+#   bash launch/demo.sh --moe                   # the digits task on the tiny Qwen3-MoE (configs/tiny_moe_cpu.yaml:
+#                                               # training TP2 x EP2, vLLM TP1 x 4), GRPO
 #   SFT_STEPS=300 bash launch/demo.sh           # a shorter SFT phase (lower SFT accuracy)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source launch/env.sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 RUN=${RUN:-runs/demo}
+FAMILY=llama
+if [ "${1:-}" = "--moe" ]; then FAMILY=qwen3_moe; MODEL=${MODEL:-runs/tiny-moe}; fi
 MODEL=${MODEL:-runs/tiny-llama}
 SFT_STEPS=${SFT_STEPS:-500}      # 64 examples each
 SFT_LR=${SFT_LR:-1e-3}
 
 if [ ! -f "$MODEL/config.json" ]; then
-  python tools/make_tiny_model.py --family llama --out "$MODEL"
+  python tools/make_tiny_model.py --family "$FAMILY" --out "$MODEL"
 fi
 rm -rf "$RUN"   # a fresh run each time (a kept run directory would resume from its checkpoint)
-if [ "${1:-}" = "--quick" ]; then
+if [ "${1:-}" = "--quick" ] || [ "${1:-}" = "--moe" ]; then
+  [ "$1" = "--moe" ] && CONFIG=${CONFIG:-configs/tiny_moe_cpu.yaml}
   shift
   CONFIG=${CONFIG:-configs/tiny_cpu.yaml} SKIP_ENV=1 bash launch/torchrun.sh \
     model.hf_path="$MODEL" logging.run_dir="$RUN" checkpoint.dir="$RUN/ckpt" "$@"

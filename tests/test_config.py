@@ -8,7 +8,7 @@ import pytest
 
 from megatron_rl import config as config_mod
 from megatron_rl.config import Config, ConfigError, load_config, parse_overrides, to_dict
-from megatron_rl.models.tiny import FAMILIES, TINY_SHAPE
+from megatron_rl.models.tiny import FAMILIES, TINY_SHAPE, tiny_hf_config
 
 pytestmark = pytest.mark.unit
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,12 +27,26 @@ TINY_LLAMA = dict(num_attention_heads=TINY_SHAPE["num_attention_heads"],
                   max_position_embeddings=TINY_SHAPE["max_position_embeddings"])
 
 
+# The tiny model each tiny config names (runs/<name>, built by make-tiny-model --family <family>).
+TINY_FAMILIES = {"tiny-llama": "llama", "tiny-moe": "qwen3_moe"}
+
+
 def _shape_for(cfg: Config) -> dict:
     name = os.path.basename(cfg.model.hf_path.rstrip("/"))
     if name.startswith("tiny-"):
         return TINY_LLAMA
     assert name in KNOWN_SHAPES, f"add the shape of {name} to KNOWN_SHAPES so its config is validated"
     return KNOWN_SHAPES[name]
+
+
+def _check_shape(cfg: Config) -> None:
+    """The config against its model's shape: a tiny model's whole transformers config (MoE
+    included), a real model's known sizes."""
+    name = os.path.basename(cfg.model.hf_path.rstrip("/"))
+    if name in TINY_FAMILIES:
+        cfg.check_hf_config(tiny_hf_config(TINY_FAMILIES[name]))
+    else:
+        cfg.check_model(**_shape_for(cfg))
 
 
 def test_configs_exist():
@@ -45,7 +59,7 @@ def test_every_config_loads_and_validates(path):
     cfg = load_config(path)
     assert cfg.parallel.world_size, "every shipped config pins parallel.world_size"
     cfg.validate(world_size=cfg.parallel.world_size, files=False)
-    cfg.check_model(**_shape_for(cfg))
+    _check_shape(cfg)
     dp = cfg.data_parallel_size(cfg.parallel.world_size)
     assert cfg.parallel.tp * cfg.parallel.pp * cfg.parallel.cp * dp == cfg.parallel.world_size
 

@@ -110,7 +110,7 @@ def test_rank_grid_expert_coords_equal_megatron_rank_generator():
 
 
 def test_impossible_expert_layouts_are_one_line_errors():
-    from megatron_rl.config import ParallelConfig
+    from megatron_rl.config import ParallelConfig, load_config
     from megatron_rl.errors import ConfigError, LayoutError
     from megatron_rl.models import check_moe_parallel
     from megatron_rl.models.shape import ModelShape
@@ -126,6 +126,9 @@ def test_impossible_expert_layouts_are_one_line_errors():
         (lambda: RankGrid(world_size=4, tp=2, ep=4), "parallel.ep=4 does not divide the 2 ranks"),
         (lambda: check_moe_parallel(ParallelConfig(tp=2)), "parallel.sequence_parallel=false"),
         (lambda: ParallelConfig(ep=0), "parallel.ep"),
+        # the same rule in the config check, before any process group: one config line
+        (lambda: load_config(overrides=["parallel.tp=2", "parallel.pp=1"]).check_hf_config(
+            tiny_hf_config("qwen3_moe")), "config error: parallel.sequence_parallel: false"),
     ]
     for make, message in cases:
         with pytest.raises((LayoutError, ConfigError)) as e:

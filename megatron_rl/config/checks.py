@@ -23,7 +23,7 @@ from transformers import AutoConfig
 
 from megatron_rl.data.chat import check_chat_template
 from megatron_rl.errors import ConfigError, LayoutError, config_error, config_error_from
-from megatron_rl.models import RopeError, rope_spec
+from megatron_rl.models import RopeError, check_moe_parallel, rope_spec
 from megatron_rl.models.shape import ModelShape
 from megatron_rl.parallel.grid import RankGrid
 from megatron_rl.resharding.layout import megatron_rank_tensors
@@ -89,6 +89,8 @@ def check_model(cfg, *, num_attention_heads: int, num_key_value_heads: int, voca
                        head_dim=head_dim or 1, ffn=intermediate_size or neutral, layers=num_layers, vocab=vocab_size,
                        moe=moe)
     try:
+        if moe is not None:
+            check_moe_parallel(p)
         for pp_rank in range(p.pp):
             for tp_rank in range(p.tp):
                 megatron_rank_tensors(shape, tp=p.tp, pp=p.pp, tp_rank=tp_rank, pp_rank=pp_rank, ep=p.ep,
