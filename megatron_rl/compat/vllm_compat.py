@@ -13,6 +13,12 @@ into vLLM past ``vllm.LLM``'s public API.
   prepacks both (a permutation of each expert's elements, same shape, data-independent):
   :func:`expert_shapes`, :func:`packed_experts`, :func:`repack_experts`, :func:`unpack_experts`.
 - :func:`kv_cache_tensors`: where the KV cache lives on a worker.
+- :func:`moe_engine_kwargs`: on CUDA, an MoE model's rollout engine pins the Triton experts
+  backend (``moe_backend="triton"``), whose runtime format is the checkpoint's stacked
+  ``[gate; up]`` / ``down``, so the sync's in-place expert writes are what vLLM would compute
+  with. vLLM 0.32 otherwise prefers FlashInfer off Hopper, whose post-load step reorders the
+  stacks (CUTLASS: ``[up; gate]``; TRT-LLM: a block layout) and would make every in-place write
+  wrong. ``tests/test_vllm_moe_backend.py`` fails if the installed vLLM moves either fact.
 
 Every entry point first calls :func:`check_version` (cached), which refuses an untested vLLM.
 """
@@ -209,6 +215,16 @@ def unpack_experts(module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]
 
 
 # --- KV cache -----------------------------------------------------------------------------------
+
+
+SYNC_MOE_BACKEND = "triton"  # vLLM's unquantized experts backend whose runtime format is the checkpoint's
+
+
+def moe_engine_kwargs(*, moe: bool, cuda: bool) -> dict:
+    """Extra ``vllm.LLM`` arguments for the rollout engine of an MoE (``moe``) model: on CUDA the
+    experts backend the weight sync writes into in place; on CPU vLLM has one backend (its CPU
+    experts, whose prepack the receiver replays), so nothing."""
+    return {"moe_backend": SYNC_MOE_BACKEND} if moe and cuda else {}
 
 
 def kv_cache_tensors(worker) -> list:

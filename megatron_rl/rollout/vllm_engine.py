@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_rl.compat import vllm_compat
+from megatron_rl.models.shape import ModelShape
 from megatron_rl.parallel import collectives as coll
 from megatron_rl.rollout import cpu_memory
 from megatron_rl.rollout.base import EngineStateError, Generation, MemoryReport, RolloutEngine, Sampling, check_tags
@@ -53,6 +54,13 @@ def _set_env(cfg, run_dir: str) -> None:
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cfg.omp_threads_bind)
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(cache, "inductor"))
     os.environ.setdefault("VLLM_CACHE_ROOT", os.path.join(cache, "vllm"))
+
+
+def _is_moe(model_path: str) -> bool:
+    """Whether the HF model at ``model_path`` is a mixture of experts (by the layout algebra's shape)."""
+    from transformers import AutoConfig  # lazy: keeps vLLM/megatron out of CLI start-up
+
+    return ModelShape.from_hf_config(AutoConfig.from_pretrained(model_path)).moe is not None
 
 
 class VllmEngine(RolloutEngine):
@@ -92,6 +100,7 @@ class VllmEngine(RolloutEngine):
             kw.update(gpu_memory_utilization=c.gpu_memory_utilization, enable_sleep_mode=True)
         else:
             kw.update(kv_cache_memory_bytes=c.kv_cache_bytes)
+        kw.update(vllm_compat.moe_engine_kwargs(moe=_is_moe(model_path), cuda=self.cuda))
         return LLM(**kw)
 
     # -- collectives ------------------------------------------------------------------------------
