@@ -25,3 +25,8 @@ def test_gpu_check_smoke_runs_and_reports():
     mem = res["memory"]
     # the reference offload gives back (about) its parameters' bytes
     assert mem["reference_offload_rss_drop"] >= 0.9 * mem["reference_bytes"], mem
+    moe = res["moe"]
+    # megatron-core's MoE layer (local experts on CPU) equals HF transformers' Qwen3-MoE in fp32; the
+    # same comparison against another seed's weights must fail (the check is not vacuous)
+    assert moe["max_logit_abs_diff"] <= 1e-5 < 1e-2 <= moe["control_logit_abs_diff"], moe
+    assert moe["loss"][1] < moe["loss"][0] and all(g > 0 for g in moe["grad_norm"]), moe
