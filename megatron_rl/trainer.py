@@ -61,6 +61,7 @@ from megatron_rl.train.critic import Critic
 from megatron_rl.train.engine import TrainEngine
 from megatron_rl.train.reference import ReferenceModel, reference_path
 from megatron_rl.train.rl_state import log_restart, resume_state, save_state
+from megatron_rl.train.routing import route_mode
 from megatron_rl.train.rl_step import (critic_update, forward_table, gather_table, plan_step, policy_update,
                                       ppo_step_targets)
 
@@ -92,7 +93,7 @@ def generate(engine, cfg: Config, *, prompt_ids: list, step: int, draw: int = 0)
     flat = [p for p in prompt_ids for _ in range(G)]
     sampling = Sampling(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
                         seed=(r.seed * 1_000_003 + step * len(flat) + draw * 7_919_993) % (1 << 30),
-                        routes=cfg.route_mode != "off")
+                        routes=route_mode(cfg) != "off")
     outs = engine.generate(flat, sampling=sampling)
     resp = [[list(outs[g * G + i].tokens) for i in range(G)] for g in range(len(prompt_ids))]
     logp = [[list(outs[g * G + i].logprobs) for i in range(G)] for g in range(len(prompt_ids))]
@@ -258,7 +259,7 @@ def setup(cfg: Config, *, hf_config) -> Job:
     divisible = cfg.model.make_vocab_size_divisible_by
     eng = TrainEngine(hf_config, parallel=cfg.parallel, train=cfg.train, topo=topo,
                       dtype=DTYPES[cfg.model.dtype], hf_path=cfg.model.hf_path,
-                      core_attention=SharedPrefixCoreAttention, vocab_divisible_by=divisible, routes=cfg.route_mode)
+                      core_attention=SharedPrefixCoreAttention, vocab_divisible_by=divisible, routes=route_mode(cfg))
     enable_shared_prefix(eng.model)
     ref = make_reference(cfg, hf_config=hf_config, topo=topo)
     critic = make_critic(cfg, hf_config=hf_config, topo=topo)

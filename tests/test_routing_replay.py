@@ -171,9 +171,11 @@ def test_config_refusals(tiny_models):
             load_config(overrides=[f"model.hf_path={moe}", f"{key}=true", "train.recompute=full"])
     cfg = load_config(overrides=[f"model.hf_path={moe}", "algorithm.routing_replay=true"])
     cfg.validate(world_size=1, hf_config=AutoConfig.from_pretrained(moe), files=False)
-    assert cfg.route_mode == "replay"
-    assert load_config(overrides=["logging.route_mismatch=true"]).route_mode == "count"
-    assert load_config().route_mode == "off"
+    from megatron_rl.train.routing import route_mode
+
+    assert route_mode(cfg) == "replay"
+    assert route_mode(load_config(overrides=["logging.route_mismatch=true"])) == "count"
+    assert route_mode(load_config()) == "off"
 
 
 # -- one launch: vLLM capture vs HF, replay at TP2 x EP2 + SP ----------------------------------------

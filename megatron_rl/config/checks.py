@@ -112,7 +112,7 @@ def check_hf_config(cfg, hf_config) -> None:
     except LayoutError as e:
         problem, _, fix = str(e).partition("; fix: ")
         _fail("model.hf_path", f"{cfg.model.hf_path} config.json: {problem}", fix or "use a supported model")
-    if moe is None and cfg.route_mode != "off":
+    if moe is None and (cfg.algorithm.routing_replay or cfg.logging.route_mismatch):
         key = "algorithm.routing_replay" if cfg.algorithm.routing_replay else "logging.route_mismatch"
         _fail(key, f"needs an MoE model; {cfg.model.hf_path} is dense", f"set {key}=false")
     heads = hf_config.num_attention_heads

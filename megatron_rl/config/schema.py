@@ -389,14 +389,6 @@ class Config:
             _fail("data.eval_pass_k", "is set but logging.eval_every=0 never evaluates", "set logging.eval_every=N")
 
     @property
-    def route_mode(self) -> str:
-        """What the policy does with the rollout's MoE routes: ``off``, ``count`` (the
-        route-mismatch metric only) or ``replay`` (``algorithm.routing_replay``)."""
-        if self.algorithm.routing_replay:
-            return "replay"
-        return "count" if self.logging.route_mismatch else "off"
-
-    @property
     def rollout_dtype(self) -> str:
         """vLLM's dtype: ``rollout.dtype``, or the training dtype when it is ``auto``."""
         return self.model.dtype if self.rollout.dtype == "auto" else self.rollout.dtype

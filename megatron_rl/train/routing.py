@@ -35,6 +35,14 @@ from __future__ import annotations
 import torch
 
 
+def route_mode(cfg) -> str:
+    """What the policy does with the rollout's MoE routes: ``off``, ``count`` (the route-mismatch
+    metric only: ``logging.route_mismatch``) or ``replay`` (``algorithm.routing_replay``)."""
+    if cfg.algorithm.routing_replay:
+        return "replay"
+    return "count" if cfg.logging.route_mismatch else "off"
+
+
 class RouteReplayError(RuntimeError):
     """Routes that do not fit the router (the message names the layer and the shapes)."""
 
