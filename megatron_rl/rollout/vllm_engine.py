@@ -152,7 +152,7 @@ class VllmEngine(RolloutEngine):
                                  top_p=sampling.top_p, seed=s, logprobs=0,
                                  prompt_logprobs=0 if sampling.prompt_logprobs else None,
                                  stop_token_ids=list(sampling.stop_token_ids)) for s in seeds]
-        recorder = self._route_recorder() if sampling.routes else None
+        recorder = self._route_recorder() if sampling.routes else self.recorder
         outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         result = []
         for p, o in zip(prompts, outs):
@@ -162,9 +162,10 @@ class VllmEngine(RolloutEngine):
             plp = None
             if sampling.prompt_logprobs:
                 plp = [None if d is None else float(d[p[i]].logprob) for i, d in enumerate(o.prompt_logprobs)]
+            # once armed, every request files its routes (a later one may be served its cached prefix)
             routes = recorder.routes(o.request_id, p + toks) if recorder is not None else None
             result.append(Generation(prompt=p, tokens=toks, logprobs=lps, prompt_logprobs=plp,
-                                     finish_reason=str(c.finish_reason), routes=routes))
+                                     finish_reason=str(c.finish_reason), routes=routes if sampling.routes else None))
         return result
 
     def _route_recorder(self):
