@@ -8,8 +8,8 @@
    with ``output_router_logits=True``: its top-k expert set per (token, layer). Rank 0 reports the
    decisions where vLLM's captured routes differ from it (the final token, never routed, aside),
    and, as a negative control, the same comparison against HF's *other* layer.
-3. Training at TP2 x EP2 with sequence parallelism (``TrainEngine(routes="replay")``) on the
-   shared-prefix packed groups: log-probs and the route-mismatch counts with replay off (the
+3. Training at TP2 x EP2 with sequence parallelism, and at PP2 x EP2 (each stage replays its own
+   layers), with ``TrainEngine(routes="replay")`` on the shared-prefix packed groups: log-probs and the route-mismatch counts with replay off (the
    routers' own top-k, counted against vLLM's routes), replaying vLLM's routes, replaying HF's
    routes, and replaying HF's routes with layer 1's response routes shifted to other experts
    (the negative control). Then one optimizer step (lr 0) without and with replay of HF's routes:
@@ -126,15 +126,19 @@ def shifted(routes: list, prompts: list) -> list:
     return out
 
 
-def train(path: str, prompts: list, gens: list, hf: list) -> dict:
+LAYOUTS = {"tp2_ep2_sp": ["parallel.tp=2", "parallel.ep=2", "parallel.sequence_parallel=true"],
+           "pp2_ep2": ["parallel.pp=2", "parallel.ep=2"]}
+
+
+def train(path: str, prompts: list, gens: list, hf: list, *, layout: str) -> dict:
     from transformers import AutoConfig
 
     from megatron_rl.attention import SharedPrefixCoreAttention, enable_shared_prefix, make_batches
     from megatron_rl.parallel import destroy_distributed, init_distributed
     from megatron_rl.train.engine import TrainEngine
 
-    cfg = load_config(overrides=[f"model.hf_path={path}", "parallel.backend=gloo", "parallel.tp=2", "parallel.ep=2",
-                                 "parallel.sequence_parallel=true", "algorithm.routing_replay=true"])
+    cfg = load_config(overrides=[f"model.hf_path={path}", "parallel.backend=gloo", *LAYOUTS[layout],
+                                 "algorithm.routing_replay=true"])
     topo = init_distributed(cfg.parallel)
     eng = TrainEngine(AutoConfig.from_pretrained(path), parallel=cfg.parallel, train=cfg.train, topo=topo,
                       hf_path=path, core_attention=SharedPrefixCoreAttention, routes="replay")
@@ -170,7 +174,7 @@ def main():
     res = {"capture": capture_figures(calls, hf), "served": served,
            "rollout_logp": {f"{j // G},{j % G}": x.logprobs for j, x in enumerate(calls[0])},
            "prompt_lens": [len(p) for p in prompts], "response_lens": [len(x.tokens) for x in calls[0]]}
-    res["train"] = train(path, prompts, calls[0], hf[:len(calls[0])])
+    res["train"] = {name: train(path, prompts, calls[0], hf[:len(calls[0])], layout=name) for name in LAYOUTS}
     res["seconds"] = {"rollout": t1 - t0, "hf": t2 - t1, "train": time.perf_counter() - t2}
     write_result(res)
     dist.destroy_process_group()
