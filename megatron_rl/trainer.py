@@ -61,6 +61,7 @@ from megatron_rl.train.critic import Critic
 from megatron_rl.train.engine import TrainEngine
 from megatron_rl.train.reference import ReferenceModel, reference_path
 from megatron_rl.train.rl_state import log_restart, resume_state, save_state
+from megatron_rl.train.routing import route_mode
 from megatron_rl.train.rl_step import (critic_update, forward_table, gather_table, plan_step, policy_update,
                                       ppo_step_targets)
 
@@ -91,11 +92,16 @@ def generate(engine, cfg: Config, *, prompt_ids: list, step: int, draw: int = 0)
     r, G = cfg.rollout, cfg.algorithm.group_size
     flat = [p for p in prompt_ids for _ in range(G)]
     sampling = Sampling(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
-                        seed=(r.seed * 1_000_003 + step * len(flat) + draw * 7_919_993) % (1 << 30))
+                        seed=(r.seed * 1_000_003 + step * len(flat) + draw * 7_919_993) % (1 << 30),
+                        routes=route_mode(cfg) != "off")
     outs = engine.generate(flat, sampling=sampling)
     resp = [[list(outs[g * G + i].tokens) for i in range(G)] for g in range(len(prompt_ids))]
     logp = [[list(outs[g * G + i].logprobs) for i in range(G)] for g in range(len(prompt_ids))]
-    return RolloutBatch(rows=[], prompt_ids=prompt_ids, response_ids=resp, logprobs=logp)
+    batch = RolloutBatch(rows=[], prompt_ids=prompt_ids, response_ids=resp, logprobs=logp)
+    if sampling.routes:  # the prompt's routes once per group (its copies computed or cached the same tokens)
+        batch.prompt_routes = [outs[g * G].routes[:len(p)] for g, p in enumerate(prompt_ids)]
+        batch.response_routes = [[outs[g * G + i].routes[len(p):] for i in range(G)] for g, p in enumerate(prompt_ids)]
+    return batch
 
 
 def rollout_step(job: "Job", *, step: int) -> tuple:
@@ -253,7 +259,7 @@ def setup(cfg: Config, *, hf_config) -> Job:
     divisible = cfg.model.make_vocab_size_divisible_by
     eng = TrainEngine(hf_config, parallel=cfg.parallel, train=cfg.train, topo=topo,
                       dtype=DTYPES[cfg.model.dtype], hf_path=cfg.model.hf_path,
-                      core_attention=SharedPrefixCoreAttention, vocab_divisible_by=divisible)
+                      core_attention=SharedPrefixCoreAttention, vocab_divisible_by=divisible, routes=route_mode(cfg))
     enable_shared_prefix(eng.model)
     ref = make_reference(cfg, hf_config=hf_config, topo=topo)
     critic = make_critic(cfg, hf_config=hf_config, topo=topo)

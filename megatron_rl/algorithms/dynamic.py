@@ -82,13 +82,17 @@ def select_groups(parts: list, chosen: list, *, group_size: int) -> tuple:
     from megatron_rl.algorithms.grpo import RolloutBatch  # lazy: grpo's import stays one-way
 
     G = group_size
-    rows, prompts, resp, logp, rewards = [], [], [], [], []
+    rows, prompts, resp, logp, rewards, p_routes, r_routes = [], [], [], [], [], [], []
     for b, g in chosen:
         batch, r = parts[b]
+        if batch.prompt_routes:
+            p_routes.append(batch.prompt_routes[g])
+            r_routes.append(batch.response_routes[g])
         if batch.rows:
             rows.append(batch.rows[g])
         prompts.append(batch.prompt_ids[g])
         resp.append(batch.response_ids[g])
         logp.append(batch.logprobs[g])
         rewards += list(r[g * G:(g + 1) * G])
-    return RolloutBatch(rows=rows, prompt_ids=prompts, response_ids=resp, logprobs=logp), rewards
+    return RolloutBatch(rows=rows, prompt_ids=prompts, response_ids=resp, logprobs=logp, prompt_routes=p_routes,
+                        response_routes=r_routes), rewards

@@ -38,6 +38,16 @@ class RolloutBatch:
     response_ids: list  # N lists of G lists of token ids
     logprobs: list  # N lists of G lists of floats (the rollout engine's log p of each response token)
     texts: list = field(default_factory=list)  # N lists of G decoded responses
+    # MoE routes from the rollout (Generation.routes), when the trainer asked for them: the prompt's
+    # once per group, (P, L, k), and each response's, (R, L, k) (its final token: never routed)
+    prompt_routes: list = field(default_factory=list)  # N tensors
+    response_routes: list = field(default_factory=list)  # N lists of G tensors
+
+    def route_fields(self, g: int) -> dict:
+        """``prompt_routes`` / ``response_routes`` of group ``g`` for a packing ``Group`` ({} without routes)."""
+        if not self.prompt_routes:
+            return {}
+        return {"prompt_routes": self.prompt_routes[g], "response_routes": list(self.response_routes[g])}
 
     @property
     def group_size(self) -> int:
@@ -76,7 +86,7 @@ def make_groups(batch: RolloutBatch, advantages: torch.Tensor, *, indices: Seque
     g_size = batch.group_size
     adv = advantages.reshape(-1, g_size).tolist()  # (N, G)
     return [Group(prompt=list(batch.prompt_ids[g]), responses=[list(r) for r in batch.response_ids[g]],
-                  advantages=adv[g]) for g in indices]
+                  advantages=adv[g], **batch.route_fields(g)) for g in indices]
 
 
 class GRPOLoss:

@@ -81,8 +81,8 @@ def token_groups(batch, advantages: dict, *, indices: Sequence[int]):
     from megatron_rl.attention.packing import Group  # lazy: keeps vLLM/megatron out of CLI start-up
 
     return [Group(prompt=list(batch.prompt_ids[g]), responses=[list(r) for r in batch.response_ids[g]],
-                  advantages=[advantages[(g, i)].tolist() for i in range(len(batch.response_ids[g]))])
-            for g in indices]
+                  advantages=[advantages[(g, i)].tolist() for i in range(len(batch.response_ids[g]))],
+                  **batch.route_fields(g)) for g in indices]
 
 
 class ValueLoss:

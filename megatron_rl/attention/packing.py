@@ -48,11 +48,16 @@ class Group:
 
     ``advantages`` may also hold one sequence per response (per-token weights).
     ``None`` means weight 1.0 for every token.
+
+    ``prompt_routes`` (P, L, k) and ``response_routes`` (one (R_i, L, k) per response): the MoE
+    routes to replay (routing replay), a per-token payload packed exactly as the tokens are.
     """
 
     prompt: Sequence[int]
     responses: Sequence[Sequence[int]]
     advantages: Sequence | None = None
+    prompt_routes: torch.Tensor | None = None
+    response_routes: Sequence[torch.Tensor] | None = None
 
 
 class _ResponseRows:
@@ -78,6 +83,8 @@ class PackedBatch(_ResponseRows):
     ``advantages``. Per response: ``response_cu`` (N-offsets, length n_resp+1) and
     ``response_keys`` ((batch group index, response index) pairs).
     Per group in this micro-batch: ``group_starts``, ``prompt_lens``, ``response_lens``.
+    With routes (every group has them): ``routes`` (T, L, k) and ``route_valid`` (T,): False
+    on each response's final token, which the rollout never routed (``rollout/routes.py``).
     """
 
     tokens: torch.Tensor
@@ -95,7 +102,8 @@ class PackedBatch(_ResponseRows):
     group_starts: list = field(default_factory=list)
     prompt_lens: list = field(default_factory=list)
     response_lens: list = field(default_factory=list)
-
+    routes: torch.Tensor | None = None
+    route_valid: torch.Tensor | None = None
 
 
 def group_tokens(group: Group) -> int:
@@ -135,6 +143,20 @@ def validate_groups(groups: Sequence[Group], *, max_seq_len: int | None, max_tok
             if isinstance(adv, (list, tuple, torch.Tensor)) and len(adv) != len(group.responses[i]):
                 raise PackingError(f"groups[{g}].advantages[{i}] has {len(adv)} per-token weights for a "
                                    f"response of {len(group.responses[i])} tokens")
+        _check_routes(g, group, with_routes=groups[0].prompt_routes is not None)
+
+
+def _check_routes(g: int, group: Group, *, with_routes: bool) -> None:
+    if (group.prompt_routes is not None) != with_routes or (group.response_routes is not None) != with_routes:
+        raise PackingError(f"groups[{g}]: routes on some groups only; give prompt_routes and response_routes "
+                           "to every group or to none")
+    if not with_routes:
+        return
+    lens = [len(group.prompt)] + [len(r) for r in group.responses]
+    got = [group.prompt_routes.shape[0]] + [r.shape[0] for r in group.response_routes]
+    if got != lens or group.prompt_routes.dim() != 3:
+        raise PackingError(f"groups[{g}]: routes cover {got} tokens (prompt, responses) for {lens}; "
+                           "give one (L, k) route per token")
 
 
 def _token_weights(group: Group, i: int) -> list:
@@ -181,12 +203,29 @@ def pack_one(groups: Sequence[Group], *, group_indices: Sequence[int] | None = N
     loss_mask = torch.zeros(len(tokens), dtype=torch.bool)
     loss_mask[torch.tensor(logit_index, dtype=torch.long)] = True
     long = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
-    return PackedBatch(tokens=long(tokens), position_ids=long(pos), group_id=long(gid),
+    routes, valid = _pack_routes(groups)
+    return PackedBatch(routes=routes, route_valid=valid, tokens=long(tokens), position_ids=long(pos), group_id=long(gid),
                        response_id=long(rid), loss_mask=loss_mask, logit_index=long(logit_index),
                        token_index=long(token_index), targets=long(targets),
                        advantages=torch.tensor(weights, dtype=torch.float32), response_cu=long(cu),
                        response_keys=keys, group_indices=indices, group_starts=starts,
                        prompt_lens=plens, response_lens=rlens)
+
+
+def _pack_routes(groups: Sequence[Group]) -> tuple:
+    """(T, L, k) routes and (T,) validity in the token order of :func:`pack_one` (or None, None)."""
+    if groups[0].prompt_routes is None:
+        return None, None
+    parts, valid = [], []
+    for group in groups:
+        parts.append(group.prompt_routes)
+        valid.append(torch.ones(len(group.prompt), dtype=torch.bool))
+        for r in group.response_routes:
+            parts.append(r)
+            v = torch.ones(r.shape[0], dtype=torch.bool)
+            v[-1:] = False  # the final sampled token: never routed by the rollout
+            valid.append(v)
+    return torch.cat(parts).to(torch.long), torch.cat(valid)
 
 
 def pack_groups(groups: Sequence[Group], *, max_tokens: int, max_seq_len: int | None = None) -> list:

@@ -71,6 +71,8 @@ class LocalBatch(_ResponseRows):
     plan: AttentionPlan
     global_index: torch.Tensor  # (T_local,) canonical position each row computes (copies repeat
     #                             the last prompt token); -1 for pad
+    routes: torch.Tensor | None = None       # (T_local, L, k) MoE routes of every row (routing replay)
+    route_counted: torch.Tensor | None = None  # (T_local,) rows the route-mismatch metric counts
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -124,10 +126,31 @@ def build_local(packed: PackedBatch, *, cp_size: int = 1, cp_rank: int = 0, pad_
         raise PackingError(f"cp_rank={cp_rank} out of range for cp_size={cp_size}")
     length = max(local_length(packed, cp_size=cp_size, pad_multiple=pad_multiple), min_length)
     if cp_size == 1:
-        return _build_single(packed, length=length)
+        return _with_routes(_build_single(packed, length=length), packed)
     layouts = [_cp_rows(packed, cp_size=cp_size, cp_rank=r) for r in range(cp_size)]
     slots = max(len(lay["prompt"]) for lay in layouts)
-    return _build_cp(packed, layouts, cp_size=cp_size, cp_rank=cp_rank, slots=slots, length=length)
+    local = _build_cp(packed, layouts, cp_size=cp_size, cp_rank=cp_rank, slots=slots, length=length)
+    return _with_routes(local, packed)
+
+
+def _with_routes(local: LocalBatch, packed: PackedBatch) -> LocalBatch:
+    """Every row's route is the route of the canonical position it computes (``global_index``):
+    the same map as its token. Pad rows get experts ``0..k-1``; the metric counts neither pads,
+    nor CP's query-only copies of a last prompt token (rank 0 counts that token), nor tokens
+    without a rollout route (``packed.route_valid``)."""
+    if packed.routes is None:
+        return local
+    gidx = local.global_index
+    real = gidx >= 0
+    routes = packed.routes[gidx.clamp(min=0)]  # (T_local, L, k)
+    k = routes.shape[-1]
+    routes[~real] = torch.arange(k, dtype=routes.dtype)
+    counted = real & packed.route_valid[gidx.clamp(min=0)]
+    if local.plan.cp_size > 1:  # rows past the prompt section that hold a prompt token are copies
+        rows = torch.arange(gidx.numel())
+        counted &= ~((rows >= local.plan.prompt_slots) & (local.plan.q_meta["resp"] == -1))
+    local.routes, local.route_counted = routes, counted
+    return local
 
 
 def _rest_len(packed: PackedBatch, lay: dict) -> int:

@@ -25,7 +25,7 @@ from megatron_rl.attention.core import SharedPrefixParams, unwrap
 from megatron_rl.attention.packing import Group, pack_groups
 from megatron_rl.attention.plan import LocalBatch, build_local, local_length
 from megatron_rl.parallel import collectives as coll
-from megatron_rl.parallel.topology import group_rank, model_groups
+from megatron_rl.parallel.topology import group_rank, group_size, model_groups
 from megatron_rl.train.lm import vocab_parallel_logprobs
 
 
@@ -38,7 +38,9 @@ def split_responses(groups: Sequence[Group]) -> tuple[list, list]:
     for g, group in enumerate(groups):
         for i, resp in enumerate(group.responses):
             adv = None if group.advantages is None else [group.advantages[i]]
-            singles.append(Group(prompt=group.prompt, responses=[resp], advantages=adv))
+            routes = None if group.response_routes is None else [group.response_routes[i]]
+            singles.append(Group(prompt=group.prompt, responses=[resp], advantages=adv,
+                                 prompt_routes=group.prompt_routes, response_routes=routes))
             keys.append((g, i))
     return singles, keys
 
@@ -116,13 +118,18 @@ def make_forward_fn(loss: LossFn = pg_loss, *, values: bool = False) -> Callable
     ``loss(logp (N_local,), local) -> (loss_sum, normaliser, metrics)``; the metrics also get
     ``logp`` (detached), ``keys`` (the (group, response) of each local response) and ``sizes``
     (its token count); :func:`collect_logprobs` turns them into per-response tensors. The cp
-    and tp ranks come from the model's ``pg_collection`` (the topology's groups).
+    and tp ranks come from the model's ``pg_collection`` (the topology's groups). A model with a
+    ``route_control`` (``TrainEngine(routes=...)``) first gets the micro-batch's MoE routes.
     """
     def forward_fn(model, batch: dict):
         gpt = unwrap(model)
         device = next(gpt.parameters()).device
         groups = model_groups(gpt)
         local = batch["locals"][group_rank(groups.cp)]
+        routing = getattr(gpt, "route_control", None)  # routing replay / route mismatch (train/routing.py)
+        if routing is not None:
+            routing.load(local, tp_rank=group_rank(groups.tp), tp_size=group_size(groups.tp),
+                         sequence_parallel=gpt.config.sequence_parallel)
         params = SharedPrefixParams.from_local(local, device=device, kernel=batch.get("kernel", "auto"))
         tokens = local.tokens.to(device).unsqueeze(0)  # (1, T)
         output = model(tokens, local.position_ids.to(device).unsqueeze(0), attention_mask=None,

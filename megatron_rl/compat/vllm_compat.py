@@ -19,6 +19,11 @@ into vLLM past ``vllm.LLM``'s public API.
   with. vLLM 0.32 otherwise prefers FlashInfer off Hopper, whose post-load step reorders the
   stacks (CUTLASS: ``[up; gate]``; TRT-LLM: a block layout) and would make every in-place write
   wrong. ``tests/test_vllm_moe_backend.py`` fails if the installed vLLM moves either fact.
+- Routing capture (MoE): :func:`moe_routers` finds each ``MoERunner``'s router (a ``BaseRouter``,
+  whose ``set_capture_fn`` vLLM's own routed-experts capturer uses); :func:`on_model_forward`
+  wraps the model runner's ``_model_forward`` to report each forward's flat batch layout
+  (``input_batch.req_ids``, ``query_start_loc``, ``positions``), with vLLM's internal request ids
+  (``"<id>-<8 chars>"``, ``InputProcessor``) mapped back to the ids its outputs carry.
 
 Every entry point first calls :func:`check_version` (cached), which refuses an untested vLLM.
 """
@@ -236,3 +241,38 @@ def kv_cache_tensors(worker) -> list:
         kv = getattr(layer, "kv_cache", None)
         out.extend(kv if isinstance(kv, (list, tuple)) else [kv])
     return out
+
+
+def moe_routers(model: torch.nn.Module) -> list:
+    """``[(layer_id, router)]`` of every MoE layer of a vLLM model; each router takes ``set_capture_fn``."""
+    check_version()
+    from vllm.model_executor.layers.fused_moe.layer import MoERunner  # lazy: keeps vLLM out of CLI start-up
+    from vllm.model_executor.layers.fused_moe.router.base_router import BaseRouter  # lazy: as above
+
+    out = []
+    for module in model.modules():
+        if isinstance(module, MoERunner):
+            if module._quant_method.is_monolithic or not isinstance(module.router, BaseRouter):
+                raise RuntimeError(f"layer {module.layer_id}: its MoE kernel routes inside a monolithic kernel "
+                                   f"({type(module.router).__name__}); fix: routing capture needs a modular "
+                                   "kernel (vLLM's CPU backend is one) or vLLM's enable_return_routed_experts")
+            out.append((int(module.layer_id), module.router))
+    return out
+
+
+def on_model_forward(worker, callback) -> None:
+    """Call ``callback(request_ids, query_start_loc, positions)`` before every model forward of ``worker``."""
+    check_version()
+    runner = worker.model_runner
+    inner = runner._model_forward
+
+    def model_forward(*args, **kwargs):
+        positions = kwargs.get("positions")
+        batch = runner.input_batch
+        n = batch.num_reqs
+        if positions is not None and n:
+            ids = [str(r).rsplit("-", 1)[0] for r in batch.req_ids[:n]]
+            callback(ids, runner.query_start_loc.np[:n + 1].tolist(), positions)
+        return inner(*args, **kwargs)
+
+    runner._model_forward = model_forward

@@ -114,6 +114,9 @@ def check_hf_config(cfg, hf_config) -> None:
     except LayoutError as e:
         problem, _, fix = str(e).partition("; fix: ")
         _fail("model.hf_path", f"{cfg.model.hf_path} config.json: {problem}", fix or "use a supported model")
+    if moe is None and (cfg.algorithm.routing_replay or cfg.logging.route_mismatch):
+        key = "algorithm.routing_replay" if cfg.algorithm.routing_replay else "logging.route_mismatch"
+        _fail(key, f"needs an MoE model; {cfg.model.hf_path} is dense", f"set {key}=false")
     heads = hf_config.num_attention_heads
     check_model(cfg, num_attention_heads=heads,
                 num_key_value_heads=getattr(hf_config, "num_key_value_heads", None) or heads,

@@ -138,6 +138,8 @@ class AlgorithmConfig:
     # data.prompts_per_step groups are kept, at most max_gen_batches per step (then topped up with dropped groups).
     dynamic_sampling: bool = False
     max_gen_batches: int = 4
+    # MoE only: training replays the experts the rollout routed each token to (R3) instead of its own top-k
+    routing_replay: bool = False
 
     def __post_init__(self):
         if self.name not in ("grpo", "rloo", "ppo"):
@@ -324,6 +326,9 @@ class LoggingConfig:
     # the console shows rank 0's progress bar, tables and messages, and errors; true: rank 0's whole
     # output on the console too (torchrun --tee, "[default0]:" prefixes). See megatron_rl/console.py.
     verbose: bool = False
+    # MoE only: log moe/route_mismatch, the share of routing decisions (token, layer) where training's own
+    # top-k differs from the rollout's expert set (the rollout then returns its routes)
+    route_mismatch: bool = False
 
     def __post_init__(self):
         _positive("logging", log_every=self.log_every, table_every=self.table_every)
@@ -355,6 +360,12 @@ class Config:
             self.check_world(self.parallel.world_size)
         a = self.algorithm
         self._check_eval()
+        if a.routing_replay and self.train.recompute == "full":
+            _fail("algorithm.routing_replay", "with train.recompute=full (the recomputed routers would not replay)",
+                  "use train.recompute=selective or none")
+        if self.logging.route_mismatch and self.train.recompute == "full":
+            _fail("logging.route_mismatch", "with train.recompute=full (recompute would count twice)",
+                  "use train.recompute=selective or none")
         if a.critic_warmup_steps >= self.train.steps:
             _fail("algorithm.critic_warmup_steps", f"{a.critic_warmup_steps} >= train.steps={self.train.steps}: the "
                   "policy would never train", "use fewer critic-only steps than train.steps")

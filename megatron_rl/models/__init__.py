@@ -174,10 +174,12 @@ RECOMPUTE = {
 }
 
 
-def megatron_config(hf_config, *, parallel, dtype=torch.float32, recompute: str = "none"):
+def megatron_config(hf_config, *, parallel, dtype=torch.float32, recompute: str = "none",
+                    routing_replay: bool = False):
     """The megatron-core ``TransformerConfig`` of ``hf_config`` at ``parallel`` (a ParallelConfig).
 
-    ``recompute``: a key of :data:`RECOMPUTE` (``train.recompute``)."""
+    ``recompute``: a key of :data:`RECOMPUTE` (``train.recompute``). ``routing_replay``: every MoE
+    router gets megatron's ``RouterReplay`` (``megatron_rl.train.routing`` drives it)."""
     if recompute not in RECOMPUTE:
         raise LayoutError(f"recompute={recompute!r} is unknown; fix: use one of {', '.join(RECOMPUTE)}")
     # lazy: keeps vLLM/megatron out of CLI start-up
@@ -213,7 +215,7 @@ def megatron_config(hf_config, *, parallel, dtype=torch.float32, recompute: str 
         apply_rope_fusion=False, bias_activation_fusion=False, masked_softmax_fusion=False,
         bias_dropout_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False,
         cross_entropy_loss_fusion=False, use_cpu_initialization=on_cpu, **RECOMPUTE[recompute],
-        **moe_config(shape, ep=parallel.ep),
+        **moe_config(shape, ep=parallel.ep, routing_replay=routing_replay),
     )
 
 
@@ -225,7 +227,7 @@ def check_moe_parallel(parallel) -> None:
                              "(megatron-core requires it)", "set parallel.sequence_parallel=true")
 
 
-def moe_config(shape: ModelShape, *, ep: int) -> dict:
+def moe_config(shape: ModelShape, *, ep: int, routing_replay: bool = False) -> dict:
     """megatron-core's MoE settings for ``shape`` at expert parallelism ``ep`` ({} for a dense model).
 
     Qwen3-MoE routes by softmax over all experts, then top-k; with ``norm_topk_prob`` the k weights
@@ -243,7 +245,7 @@ def moe_config(shape: ModelShape, *, ep: int) -> dict:
                 moe_router_load_balancing_type="aux_loss" if moe.aux_loss_coef > 0 else "none",
                 moe_aux_loss_coeff=moe.aux_loss_coef, moe_token_dispatcher_type="alltoall",
                 expert_model_parallel_size=ep, moe_router_dtype="fp32",
-                moe_permute_fusion=False)
+                moe_permute_fusion=False, moe_enable_routing_replay=routing_replay)
 
 
 def layer_spec(tf_config, *, backend: Optional[str] = None, core_attention=None):
@@ -285,7 +287,7 @@ def _stage(topo) -> tuple[bool, bool, object]:
 
 def build_gpt(hf_config, *, parallel, topo=None, dtype=torch.float32, vocab_divisible_by: int = 128,
               core_attention=None, backend: Optional[str] = None, recompute: str = "none",
-              value_head: bool = False) -> list:
+              value_head: bool = False, routing_replay: bool = False) -> list:
     """This rank's GPTModel chunk(s) (one chunk: no virtual pipeline) on ``topo``'s groups.
 
     ``topo`` (the :class:`~megatron_rl.parallel.Topology` from ``init_distributed``) gives the
@@ -296,11 +298,12 @@ def build_gpt(hf_config, *, parallel, topo=None, dtype=torch.float32, vocab_divi
 
     ``value_head=True`` builds PPO's critic: untied embeddings, and on the last stage a scalar
     :class:`~megatron_rl.models.value_head.ValueHead` instead of the vocabulary projection
-    (the model returns ``(B, S, 1)`` values)."""
+    (the model returns ``(B, S, 1)`` values). ``routing_replay``: see :func:`megatron_config`."""
     from megatron.core.models.gpt import GPTModel  # lazy: keeps vLLM/megatron out of CLI start-up
 
     shape = ModelShape.from_hf_config(hf_config)
-    tf_config = megatron_config(hf_config, parallel=parallel, dtype=dtype, recompute=recompute)
+    tf_config = megatron_config(hf_config, parallel=parallel, dtype=dtype, recompute=recompute,
+                                routing_replay=routing_replay)
     spec = layer_spec(tf_config, backend=backend, core_attention=core_attention)
     first, last, pgc = _stage(topo)
     model = GPTModel(

@@ -47,17 +47,24 @@ class Sampling:
     seed: Optional[int] = None
     prompt_logprobs: bool = False  # also return log p(prompt token | prefix) (bypasses the prefix cache)
     stop_token_ids: tuple[int, ...] = ()
+    routes: bool = False  # also return each token's MoE routes (Generation.routes; an MoE model only)
 
 
 @dataclass
 class Generation:
-    """One prompt's result: response tokens with their log-probs (same length)."""
+    """One prompt's result: response tokens with their log-probs (same length).
+
+    ``routes`` (with ``Sampling(routes=True)``): ``(P + R, num_moe_layers, topk)`` int16, the
+    experts each token of ``prompt + tokens`` was routed to in every MoE layer; the final token
+    was never fed to the model and holds ``0..k-1`` (see :mod:`megatron_rl.rollout.routes`).
+    """
 
     prompt: list[int]
     tokens: list[int]
     logprobs: list[float]
     prompt_logprobs: Optional[list[Optional[float]]] = None  # first entry None (no prefix)
     finish_reason: str = ""
+    routes: Optional[torch.Tensor] = None
 
 
 @dataclass

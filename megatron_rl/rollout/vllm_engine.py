@@ -44,6 +44,7 @@ from megatron_rl.parallel import collectives as coll
 from megatron_rl.rollout import cpu_memory
 from megatron_rl.rollout.base import EngineStateError, Generation, MemoryReport, RolloutEngine, Sampling, check_tags
 from megatron_rl.rollout.lifecycle import Lifecycle
+from megatron_rl.rollout.routes import RouteRecorder
 from megatron_rl.rollout.vllm_weights import VllmWeights, WeightUpdateError
 
 
@@ -84,6 +85,7 @@ class VllmEngine(RolloutEngine):
         self.llm = self._make_llm(model_path, dtype)
         self.worker = vllm_compat.driver_worker(self.llm)
         self.weights = VllmWeights(vllm_compat.worker_model(self.worker), cpu=not self.cuda)
+        self.model_path, self.recorder = model_path, None  # the route recorder, made on first use
         self.lc = Lifecycle(weights_release=cfg.weights_release, dummy=cfg.load_format == "dummy")
         self._calls = 0
         self._sync_dirty = False
@@ -159,6 +161,7 @@ class VllmEngine(RolloutEngine):
                                  top_p=sampling.top_p, seed=s, logprobs=0,
                                  prompt_logprobs=0 if sampling.prompt_logprobs else None,
                                  stop_token_ids=list(sampling.stop_token_ids)) for s in seeds]
+        recorder = self._route_recorder() if sampling.routes else self.recorder
         outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         result = []
         for p, o in zip(prompts, outs):
@@ -168,9 +171,25 @@ class VllmEngine(RolloutEngine):
             plp = None
             if sampling.prompt_logprobs:
                 plp = [None if d is None else float(d[p[i]].logprob) for i, d in enumerate(o.prompt_logprobs)]
+            # once armed, every request files its routes (a later one may be served its cached prefix)
+            routes = recorder.routes(o.request_id, p + toks) if recorder is not None else None
             result.append(Generation(prompt=p, tokens=toks, logprobs=lps, prompt_logprobs=plp,
-                                     finish_reason=str(c.finish_reason)))
+                                     finish_reason=str(c.finish_reason), routes=routes if sampling.routes else None))
         return result
+
+    def _route_recorder(self):
+        """The CPU route capture (:class:`~megatron_rl.rollout.routes.RouteRecorder`), installed on
+        first use; blocks cached before it have no routes, so the prefix cache is reset then."""
+        if self.recorder is None:
+            from transformers import AutoConfig  # lazy: keeps vLLM/megatron out of CLI start-up
+            from megatron_rl.models.shape import ModelShape  # lazy: as above
+
+            shape = ModelShape.from_hf_config(AutoConfig.from_pretrained(self.model_path))
+            if shape.moe is None:
+                raise EngineStateError("Sampling(routes=True) needs an MoE model; this one is dense")
+            self.recorder = RouteRecorder(self.worker, layers=shape.layers, topk=shape.moe.topk)
+            self.reset_prefix_cache()
+        return self.recorder
 
     # -- release / resume -------------------------------------------------------------------------
 
@@ -277,6 +296,8 @@ class VllmEngine(RolloutEngine):
     def reset_prefix_cache(self) -> None:
         if not self.llm.reset_prefix_cache():
             raise EngineStateError("vLLM refused to reset the prefix cache (requests still running)")
+        if self.recorder is not None:  # routes by token prefix mirror the cache
+            self.recorder.reset()
 
     def set_weights_release(self, mode: str) -> None:
         """Switch between ``offload`` and ``discard`` for later releases (collective)."""

@@ -23,6 +23,7 @@ from megatron_rl.models import build_gpt
 from megatron_rl.checkpoint.megatron import load_hf_into
 from megatron_rl.parallel import collectives as coll
 from megatron_rl.train.lm import lm_forward
+from megatron_rl.train.routing import RouteControl
 
 
 ForwardFn = Callable[[torch.nn.Module, dict], tuple]
@@ -33,7 +34,7 @@ class TrainEngine:
 
     def __init__(self, hf_config, *, parallel, train, topo, dtype=torch.float32, hf_path: Optional[str] = None,
                  forward_fn: ForwardFn = lm_forward, core_attention=None, vocab_divisible_by: int = 128,
-                 value_head: bool = False):
+                 value_head: bool = False, routes: str = "off"):
         # lazy: keeps vLLM/megatron out of CLI start-up
         from megatron.core.distributed import (DistributedDataParallel, DistributedDataParallelConfig,
                                                finalize_model_grads)
@@ -41,8 +42,13 @@ class TrainEngine:
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
         self.hf_config, self.parallel, self.forward_fn, self.topo = hf_config, parallel, forward_fn, topo
+        if routes not in ("off", "count", "replay"):
+            raise ValueError(f"routes={routes!r}; use 'off', 'count' (route-mismatch metric) or 'replay'")
         chunks = build_gpt(hf_config, parallel=parallel, topo=topo, dtype=dtype, vocab_divisible_by=vocab_divisible_by,
-                           core_attention=core_attention, recompute=train.recompute, value_head=value_head)
+                           core_attention=core_attention, recompute=train.recompute, value_head=value_head,
+                           routing_replay=routes != "off")
+        # routes != "off": the routers replay (or only count against) the micro-batches' routes
+        self.routing = None if routes == "off" else RouteControl.install(chunks, replay=routes == "replay")
         if hf_path is not None:  # a critic's value head (value_head=True) has no HF counterpart: it stays zero
             load_hf_into(chunks, hf_path, topo=topo, hf_config=hf_config, vocab_divisible_by=vocab_divisible_by,
                          skip=("output_layer.",) if value_head else ())

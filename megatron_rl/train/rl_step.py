@@ -130,11 +130,31 @@ def policy_update(eng, cfg, batch, plan: StepPlan, *, lr: float, old_logp: Optio
     _set_lr(eng.optimizer, lr)
     loss = GRPOLoss(algo, rollout_logp=batch.logp_by_key(), key_of=plan.shards[0].__getitem__, old_logp=old_logp,
                     ref_logp=ref_logp)
-    outs = _epochs(eng, plan, epochs=cfg.algorithm.ppo_epochs, loss=loss,
-                   on_epoch=lambda e: setattr(loss, "record_ratios", e == 0))
+    routing = getattr(eng, "routing", None)
+
+    def on_epoch(e: int) -> None:  # the first pass sees every token once
+        loss.record_ratios = e == 0
+        if routing is not None:
+            routing.counting = e == 0
+
+    outs = _epochs(eng, plan, epochs=cfg.algorithm.ppo_epochs, loss=loss, on_epoch=on_epoch)
     sums, mx = global_sums(loss.sums(), topo=eng.topo, maximum=loss.mismatch_max)
     return {"grad_norm": _mean_norm(outs), "lr": lr, **stats_from_sums(sums, mismatch_max=mx),
-            **_ratio_metrics(loss, topo=eng.topo, tis_cap=cfg.algorithm.tis_cap)}
+            **_ratio_metrics(loss, topo=eng.topo, tis_cap=cfg.algorithm.tis_cap), **route_metrics(routing)}
+
+
+def route_metrics(routing) -> dict:
+    """``moe/route_mismatch``: the share of routing decisions (token, MoE layer) of the counted pass
+    where training's own top-k expert set differs from the rollout's, over every rank (each rank
+    counts the tokens its routers see: its SP slice, its stage's layers). With routing replay the
+    routers use the rollout's routes, and the share compares the top-k they would have chosen with
+    the one replayed. {} without routing control."""
+    if routing is None:
+        return {}
+    routing.counting = False
+    mismatched, decisions = routing.take_counts()
+    total, _ = coll.sum_max([mismatched, decisions], [])
+    return {"moe/route_mismatch": total[0] / max(total[1], 1.0), "moe/route_decisions": total[1]}
 
 
 def _ratio_metrics(loss: GRPOLoss, *, topo, tis_cap) -> dict:
