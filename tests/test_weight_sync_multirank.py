@@ -128,7 +128,9 @@ def test_moe_experts_three_layouts_world4(tmp_path, models):
     receives exactly the bytes its vLLM shard needs that its Megatron shard lacks, counted from the
     HF config and the rank's coordinates as megatron-core and vLLM report them (tests/_bounds.py:
     moe_rank_bound); its expert part is what the plan carries into the rank's expert slots, so no
-    rank receives another rank's expert slice. A corrupted element of one expert is caught."""
+    rank receives another rank's expert slice. A corrupted element of one expert is caught, and
+    vLLM's own reload of the HF tensors (engine.update_weights, which vLLM 0.32 leaves unpacked on
+    CPU without megatron_rl.compat) ends bitwise where its start-up load did."""
     from transformers import AutoConfig
 
     from _bounds import moe_rank_bound
@@ -144,6 +146,8 @@ def test_moe_experts_three_layouts_world4(tmp_path, models):
             # the stacks themselves (packed), the noise control, and one corrupted element found exactly
             assert len(e["noise_held_differs"]) == n_layers * 2, e["noise_held_differs"]
             assert e["corrupt_found"] == [e["corrupt"]], (r["rank"], e["tv"], e["corrupt_found"])
+            # vLLM's own reload (the baseline path; vllm_compat.experts_reload_as_first_load) is exact too
+            assert e["reload_mismatched"] == e["reload_held_mismatched"] == [] and e["reload_gen_equal"], (r["rank"], e)
             layer = e["corrupt"].split(".")[2]
             assert e["corrupt_held_found"] == [f"model.layers.{layer}.mlp.experts.routed_experts.w2_weight"]
         for c in _flat(r):
