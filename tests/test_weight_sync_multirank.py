@@ -147,7 +147,7 @@ def test_moe_experts_three_layouts_world4(tmp_path, models):
             assert len(e["noise_held_differs"]) == n_layers * 2, e["noise_held_differs"]
             assert e["corrupt_found"] == [e["corrupt"]], (r["rank"], e["tv"], e["corrupt_found"])
             # vLLM's own reload (the baseline path; vllm_compat.experts_reload_as_first_load) is exact too
-            assert e["reload_mismatched"] == e["reload_held_mismatched"] == [] and e["reload_gen_equal"], (r["rank"], e)
+            assert e["reload_mismatched"] == e["reload_held_mismatched"] == [], (r["rank"], e)
             layer = e["corrupt"].split(".")[2]
             assert e["corrupt_held_found"] == [f"model.layers.{layer}.mlp.experts.routed_experts.w2_weight"]
         for c in _flat(r):
