@@ -77,8 +77,6 @@ def gather_to_hf(params, layout, *, tp_group, tp: int, clock: dict):
     import torch
     import torch.distributed as dist
 
-    from megatron_rl.resharding.layout import disassemble
-
     for name, lt_list in layout:
         local = params[name].detach()
         t0 = time.perf_counter()
@@ -86,15 +84,25 @@ def gather_to_hf(params, layout, *, tp_group, tp: int, clock: dict):
         dist.all_gather_into_tensor(flat, local.contiguous(), group=tp_group)
         full = flat.view((tp,) + tuple(local.shape))  # (tp, *shard)
         clock["bytes"] += (tp - 1) * local.numel() * local.element_size()
-        out = {}
-
-        def write(canon, dim, start, run, shapes=layout.canon_shapes):
-            t = out.setdefault(canon, torch.empty(shapes[canon], dtype=run.dtype))
-            t.narrow(dim, start, run.shape[dim]).copy_(run)
-        for r, lt in enumerate(lt_list):
-            disassemble(lt, full[r], write)
+        out = unfuse(full, lt_list, canon_shapes=layout.canon_shapes)
         clock["gather"] += time.perf_counter() - t0
         yield from out.items()
+
+
+def unfuse(stack, lt_list, *, canon_shapes: dict) -> dict:
+    """Full HF tensors from the gathered shards ``stack[r]`` of one parameter, laid out as ``lt_list[r]``."""
+    import torch
+
+    from megatron_rl.resharding.layout import disassemble
+
+    out = {}
+
+    def write(canon, dim, start, run):
+        t = out.setdefault(canon, torch.empty(canon_shapes[canon], dtype=run.dtype))
+        t.narrow(dim, start, run.shape[dim]).copy_(run)
+    for r, lt in enumerate(lt_list):
+        disassemble(lt, stack[r], write)
+    return out
 
 
 class _GatherOrder(list):
@@ -209,6 +217,28 @@ def report(out_dir: str, quick: bool) -> dict:
     return out
 
 
+def run_workers(script: str, worker_args: list, *, nproc: int, out: str) -> int:
+    """Run ``script --worker ...`` under torchrun (``nproc`` ranks, vLLM in-process, caches in the
+    repo); the log goes to ``out/log.txt``. Returns the exit code (errors summarised on stderr)."""
+    import socket
+
+    env = dict(os.environ, PYTHONPATH=REPO, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_OMP_THREADS_BIND="nobind",
+               TORCHINDUCTOR_CACHE_DIR=os.path.join(REPO, "runs", ".cache", "inductor"),
+               VLLM_CACHE_ROOT=os.path.join(REPO, "runs", ".cache", "vllm"), HF_HUB_OFFLINE="1")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
+           "--master-port", str(port), script, "--worker"] + worker_args
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    with open(os.path.join(out, "log.txt"), "w") as f:
+        f.write(proc.stdout + proc.stderr)
+    if proc.returncode:
+        lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if "Error" in ln or "error" in ln]
+        sys.stderr.write("\n".join(lines[:20]) + f"\nbenchmark workers failed; full log: {out}/log.txt\n")
+    return proc.returncode
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
@@ -223,24 +253,10 @@ def main():
     size = SIZES["quick" if args.quick else "full"]
     model_dir = make_model_dir(os.path.join(run_dir, "model-quick" if args.quick else "model-full"), size)
     out = tempfile.mkdtemp(prefix="ws-", dir=run_dir)
-    env = dict(os.environ, PYTHONPATH=REPO, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_OMP_THREADS_BIND="nobind",
-               TORCHINDUCTOR_CACHE_DIR=os.path.join(REPO, "runs", ".cache", "inductor"),
-               VLLM_CACHE_ROOT=os.path.join(REPO, "runs", ".cache", "vllm"), HF_HUB_OFFLINE="1")
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4", "--master-addr", "127.0.0.1",
-           "--master-port", str(port), os.path.abspath(__file__), "--worker", "--model-dir", model_dir,
-           "--out", out] + (["--quick"] if args.quick else [])
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    with open(os.path.join(out, "log.txt"), "w") as f:
-        f.write(proc.stdout + proc.stderr)
-    if proc.returncode:
-        lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if "Error" in ln or "error" in ln]
-        sys.stderr.write("\n".join(lines[:20]) + f"\nbenchmark workers failed; full log: {out}/log.txt\n")
-        return proc.returncode
+    rc = run_workers(os.path.abspath(__file__), ["--model-dir", model_dir, "--out", out] + (["--quick"] if args.quick else []),
+                     nproc=4, out=out)
+    if rc:
+        return rc
     print(json.dumps(report(out, args.quick)))
     return 0
 

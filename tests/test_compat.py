@@ -14,7 +14,7 @@ PKG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 
 # Attributes that exist only inside vLLM / megatron-core internals (the private chain, the CPU
 # linear closures, the KV-cache discovery, the shm patch, the distopt load patch).
 PRIVATE_ATTRS = {"llm_engine", "model_executor", "driver_worker", "model_runner", "cpu_linear", "quant_method",
-                 "static_forward_context", "make_group_name", "_set_main_param_and_optimizer_states"}
+                 "static_forward_context", "make_group_name", "_set_main_param_and_optimizer_states", "moe_kernel"}
 FRAMEWORKS = ("vllm", "megatron")
 
 
@@ -78,6 +78,38 @@ def test_worker_model_reads_the_runner_and_names_where_it_broke():
     assert vllm_compat.worker_model(Obj(model_runner=Obj(get_model=lambda: model))) is model
     with pytest.raises(RuntimeError, match="get_model\\(\\) moved .*fix: update megatron_rl/compat/vllm_compat.py"):
         vllm_compat.worker_model(Obj())
+
+
+def test_reload_skips_the_experts_post_load_step_so_compat_clears_the_kernel():
+    """The reason for vllm_compat.experts_reload_as_first_load still holds: vLLM runs the experts'
+    own post-load step (the CPU pad + prepack) only while the layer has no kernel, so its reload
+    (a weight update) skips it; the real-process check is tests/test_weight_sync_multirank.py."""
+    import inspect
+
+    from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import UnquantizedFusedMoEMethod
+
+    src = inspect.getsource(UnquantizedFusedMoEMethod._setup_kernel)
+    assert "is_weight_update = self.moe_kernel is not None" in src
+    guarded = src.split("if not is_weight_update:", 1)[1]
+    assert "self.moe_kernel.fused_experts.process_weights_after_loading(layer)" in guarded
+
+    class Method:
+        moe_kernel = "kernel"
+
+    class Layer:
+        quant_method = Method()
+
+    layer, other = Layer(), Layer()
+    other.quant_method = Method()
+    orig = vllm_compat._cpu_experts
+    try:
+        vllm_compat._cpu_experts = lambda m: object()  # both layers count as packed CPU experts
+        with vllm_compat.experts_reload_as_first_load([layer, other]):
+            assert layer.quant_method.moe_kernel is None and other.quant_method.moe_kernel is None
+            layer.quant_method.moe_kernel = "rebuilt"  # the reload touched only ``layer``
+    finally:
+        vllm_compat._cpu_experts = orig
+    assert layer.quant_method.moe_kernel == "rebuilt" and other.quant_method.moe_kernel == "kernel"
 
 
 def _violations(source: str) -> list[str]:

@@ -107,3 +107,25 @@ def test_rollout_tp_refusals_name_the_field():
         with pytest.raises(LayoutError) as e:
             vllm_layout(shape, tp=tp, world_size=tp)
         assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("tp,pp,ep,tv", [(1, 1, 2, 2), (2, 1, 2, 1), (1, 2, 2, 4)])
+def test_rank_bound_from_shapes_equals_element_masks(tp, pp, ep, tv):
+    """The per-rank bound from shapes alone (tests/_bounds.py:moe_rank_bound, used by the real-process
+    test) equals the element-mask bound of the layouts, rank by rank, for the three acceptance layouts."""
+    from _bounds import moe_rank_bound, rank_lower_bounds
+
+    cfg = tiny_hf_config("qwen3_moe", moe_intermediate_size=96, hidden_size=64, num_hidden_layers=2)
+    shape = ModelShape.from_hf_config(cfg)
+    grid = RankGrid(world_size=4, tp=tp, pp=pp, ep=ep)
+    masks = rank_lower_bounds(megatron_layout(shape, grid), vllm_layout(shape, tp=tv, world_size=4), elem_size=4)
+    for rank in range(4):
+        c = grid.coords(rank)
+        mine = moe_rank_bound(cfg, megatron=dict(tp=tp, tp_rank=c.tp, pp=pp, pp_rank=c.pp, ep=ep, ep_rank=c.ep),
+                              vllm=dict(tp=tv, tp_rank=rank % tv))
+        assert mine["total"] == masks[rank] > 0, (rank, mine, masks[rank])
+        assert 0 < mine["experts"] <= mine["total"]
+        # control: the held experts count: the same rank holding every expert (EP1) needs fewer expert bytes
+        all_experts = moe_rank_bound(cfg, megatron=dict(tp=tp, tp_rank=c.tp, pp=pp, pp_rank=c.pp, ep=1, ep_rank=0),
+                                     vllm=dict(tp=tv, tp_rank=rank % tv))
+        assert all_experts["experts"] < mine["experts"], (rank, all_experts, mine)

@@ -11,7 +11,8 @@ without gloo coalescing, the per-slice message path NCCL takes, and must be just
 Four launches (a launch with vLLM costs tens of seconds on 2 cores), each shared by the tests
 that read it: world 8 (qwen2, t_v=4 x 2 replicas, dummy start, two Megatron layouts), world 4
 (qwen3, t_v=2 x 2, then the no-vLLM sweep and the dead-rank fault), world 2 (t_v=1 x 2) and
-world 2 for Qwen3-MoE (Megatron EP2 and EP1 -> t_v=2: vLLM's stacked, CPU-prepacked experts).
+world 4 for Qwen3-MoE (vLLM's stacked, CPU-prepacked experts): Megatron EP2 -> t_v=2, TP2 x EP2
+-> t_v=1 x 4 and PP2 x EP2 -> t_v=4, three engines one after another in the same processes.
 """
 import os
 
@@ -63,14 +64,20 @@ def q3_tv2_then_fault(tmp_path_factory, models):
                     "--sweep-tvs", "1,2,4", "--victim", "3", "--timeout", FAULT_TIMEOUT, "--stall", 3 * FAULT_TIMEOUT])
 
 
+def _flat(r: dict) -> list:
+    """One rank's cases over all its engines, each with its engine's vLLM TP as ``tv``."""
+    return [dict(c, tv=e["tv"]) for e in r["engines"] for c in e["cases"]]
+
+
 def _check_exact(res, cases):
     world = len(res)
     for r in res:
-        assert r["layout_vs_vllm_loaders"] == [], f"rank {r['rank']}: our vLLM layout != vLLM's loaders"
-        assert r["noise_gen_differs"], "noise weights give the same generations: the generation check is vacuous"
-        assert [c["case"] for c in r["cases"]] == cases
-        for c in r["cases"]:
-            where = f"rank {r['rank']} case {c['case']} -> t_v={r['tv']}"
+        for e in r["engines"]:
+            assert e["layout_vs_vllm_loaders"] == [], f"rank {r['rank']} t_v={e['tv']}: our vLLM layout != vLLM's loaders"
+            assert e["noise_gen_differs"], "noise weights give the same generations: the generation check is vacuous"
+        assert [c["case"] for c in _flat(r)] == cases
+        for c in _flat(r):
+            where = f"rank {r['rank']} case {c['case']} -> t_v={c['tv']}"
             assert c["mismatched"] == [], f"{where}: not bitwise equal to vLLM's own load: {c['mismatched']}"
             assert c["gen_equal"], f"{where}: greedy generations differ"
             assert len(c["delivered"]) == c["names"], f"{where}: {len(c['delivered'])} of {c['names']} params delivered"
@@ -79,7 +86,7 @@ def _check_exact(res, cases):
             assert c["coalesced"] is (not c["case"].endswith(":p2p")), (where, c["coalesced"])
             assert c["verified"] > 0
     for i, case in enumerate(cases):
-        per_rank = [r["cases"][i] for r in res]
+        per_rank = [_flat(r)[i] for r in res]
         moved = per_rank[0]["bound"]
         assert sum(c["sent"] for c in per_rank) == moved, f"{case}: measured bytes sent != plan ({moved})"
         assert sum(c["received"] for c in per_rank) == moved, f"{case}: measured bytes received != plan"
@@ -91,8 +98,8 @@ def test_kv_replication_tied_bias_dummy_start_tv4(q2_tv4_world8):
     Megatron 2x2 and 1x1 (DP 2 and 8) into both replicas of the world-8 launch."""
     res = q2_tv4_world8
     _check_exact(res, Q2_TV4_CASES)
-    assert all(r["dummy"] and r["tv"] == 4 for r in res)
-    assert res[0]["cases"][0]["bytes_moved"] > 0
+    assert all(r["dummy"] and [e["tv"] for e in r["engines"]] == [4] for r in res)
+    assert res[0]["engines"][0]["cases"][0]["bytes_moved"] > 0
 
 
 def test_untied_qk_norm_tm4_tv2(q3_tv2_then_fault):
@@ -107,30 +114,57 @@ def test_tv1_two_replicas(tmp_path, models):
     _check_exact(res, cases)
 
 
-MOE_CASES = ["1x1e2", "1x1"]  # Megatron EP2 (x DP1), then EP1 (x DP2)
+# The issue's three acceptance layouts, one world-4 launch, three vLLM engines one after another:
+# Megatron EP2 (x DP2) -> vLLM TP2 x 2, TP2 x EP2 -> vLLM TP1 x 4 replicas, PP2 x EP2 -> vLLM TP4;
+# and EP1 x DP4 -> vLLM TP2, where every rank holds every expert whole, so nothing need cross.
+MOE_CASES = ["1x1e2@2", "1x1@2", "2x1e2@1", "1x2e2@4"]
 
 
-def test_moe_experts_ep2_to_tv2(tmp_path, models):
-    """World 2, Qwen3-MoE (8 experts, moe_intermediate_size 96): Megatron EP2 and EP1 -> vLLM TP2.
-    Every expert shard (w13[j] / w2[j]) and, read straight from the model, every stacked expert
-    tensor vLLM's CPU experts hold (48 rows per rank padded to 64, then prepacked) equals vLLM's own
-    load; each rank receives exactly the elements its layout names (no other expert's slice)."""
-    res = _launch(tmp_path, "sync_exact.py", 2, ["--model", "qm", "--tv", "2", "--cases", ",".join(MOE_CASES)])
+def test_moe_experts_three_layouts_world4(tmp_path, models):
+    """World 4, Qwen3-MoE (8 experts, moe_intermediate_size 96). After each sync every vLLM parameter
+    on every rank, every expert shard (w13[j] / w2[j]) and, read straight from the model, every
+    stacked expert tensor vLLM's CPU experts hold (rows padded to vLLM's alignment, then prepacked)
+    equals vLLM's own load of the HF checkpoint, and greedy generations are identical. Each rank
+    receives exactly the bytes its vLLM shard needs that its Megatron shard lacks, counted from the
+    HF config and the rank's coordinates as megatron-core and vLLM report them (tests/_bounds.py:
+    moe_rank_bound); its expert part is what the plan carries into the rank's expert slots, so no
+    rank receives another rank's expert slice. A corrupted element of one expert is caught, and
+    vLLM's own reload of the HF tensors (engine.update_weights, which vLLM 0.32 leaves unpacked on
+    CPU without megatron_rl.compat) ends bitwise where its start-up load did."""
+    from transformers import AutoConfig
+
+    from _bounds import moe_rank_bound
+
+    res = _launch(tmp_path, "sync_exact.py", 4, ["--model", "qm", "--tv", "2", "--cases", ",".join(MOE_CASES)])
     _check_exact(res, MOE_CASES)
-    n_layers, n_experts = 2, 8
+    cfg = AutoConfig.from_pretrained(models["qm"])
+    n_layers, n_experts = cfg.num_hidden_layers, cfg.num_experts
     for r in res:
-        expert_slots = [n for n in r["cases"][0]["delivered"] if ".routed_experts." in n]
-        assert len(expert_slots) == n_layers * n_experts * 2, expert_slots[:4]
-        # the stacks themselves (packed), and the noise control that shows they were overwritten
-        assert len(r["noise_held_differs"]) == n_layers * 2, r["noise_held_differs"]
-        for c in r["cases"]:
-            assert c["held_experts"] == n_layers * 2 and c["held_mismatched"] == [], (r["rank"], c["case"], c)
-            # nothing arrives beyond the rank's own needs (element masks of its vLLM layout)
-            assert c["received"] + c["local"] == c["own_need"], (r["rank"], c["case"], c)
-    # EP2: each expert lives on one Megatron rank, so the other rank's experts cross; EP1 x DP2: every
-    # rank already holds every expert whole, so nothing need cross (the bound says 0 too)
-    ep2, ep1 = res[0]["cases"]
-    assert ep2["bytes_moved"] > 0 and ep1["bytes_moved"] == 0, (ep2["bytes_moved"], ep1["bytes_moved"])
+        assert [e["tv"] for e in r["engines"]] == [2, 1, 4]
+        assert [len(e["cases"]) for e in r["engines"]] == [2, 1, 1]
+        for e in r["engines"]:
+            # the stacks themselves (packed), the noise control, and one corrupted element found exactly
+            assert len(e["noise_held_differs"]) == n_layers * 2, e["noise_held_differs"]
+            assert e["corrupt_found"] == [e["corrupt"]], (r["rank"], e["tv"], e["corrupt_found"])
+            # vLLM's own reload (the baseline path; vllm_compat.experts_reload_as_first_load) is exact too
+            assert e["reload_mismatched"] == e["reload_held_mismatched"] == [], (r["rank"], e)
+            layer = e["corrupt"].split(".")[2]
+            assert e["corrupt_held_found"] == [f"model.layers.{layer}.mlp.experts.routed_experts.w2_weight"]
+        for c in _flat(r):
+            where = (r["rank"], c["case"])
+            assert len([n for n in c["delivered"] if ".routed_experts." in n]) == n_layers * n_experts * 2, where
+            assert c["held_experts"] == n_layers * 2 and c["held_mismatched"] == [], (where, c)
+            ep = int(c["case"].split("@")[0].partition("e")[2] or 1)
+            assert c["vllm"]["tp"] == c["tv"] and c["megatron"]["ep"] == ep, (where, c["vllm"], c["megatron"])
+            bound = moe_rank_bound(cfg, megatron=c["megatron"], vllm=c["vllm"])
+            # nothing arrives beyond the rank's own needs, nothing it already holds crosses
+            assert c["received"] == bound["total"] and c["expert_in"] == bound["experts"], (where, c, bound)
+            assert (bound["experts"] > 0) is (ep > 1), (where, bound)  # EP1 x DP4: every expert is local
+            assert c["received"] + c["local"] == c["own_need"], (where, c)
+    for i, case in enumerate(MOE_CASES):  # the plan's total equals the ranks' independent figures summed
+        assert _flat(res[0])[i]["bytes_moved"] == sum(
+            moe_rank_bound(cfg, megatron=_flat(r)[i]["megatron"], vllm=_flat(r)[i]["vllm"])["total"] for r in res), case
+    assert _flat(res[0])[1]["bytes_moved"] == 0 < _flat(res[0])[0]["bytes_moved"]
 
 
 @pytest.mark.slow

@@ -12,6 +12,8 @@ into vLLM past ``vllm.LLM``'s public API.
   ``CPUUnquantizedExperts.process_weights_after_loading`` then pads ``I/tp`` to its alignment and
   prepacks both (a permutation of each expert's elements, same shape, data-independent):
   :func:`expert_shapes`, :func:`packed_experts`, :func:`repack_experts`, :func:`unpack_experts`.
+  vLLM's own layerwise reload skips that step on a weight update (the layer's experts stay
+  unpacked, or the copy back fails when padded): :func:`experts_reload_as_first_load`.
 - :func:`kv_cache_tensors`: where the KV cache lives on a worker.
 - :func:`moe_engine_kwargs`: on CUDA, an MoE model's rollout engine pins the Triton experts
   backend (``moe_backend="triton"``), whose runtime format is the checkpoint's stacked
@@ -29,6 +31,7 @@ Every entry point first calls :func:`check_version` (cached), which refuses an u
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -206,6 +209,29 @@ def _unpack(held: torch.Tensor, isa: str) -> torch.Tensor:
     out = torch.empty_like(held).view(e, -1)  # (E, rows*cols)
     out[:, order] = held.reshape(e, -1)
     return out.view_as(held)
+
+
+@contextlib.contextmanager
+def experts_reload_as_first_load(modules):
+    """During vLLM's layerwise reload, run each packed fused-experts layer's first-load post-processing.
+
+    vLLM 0.32's ``UnquantizedFusedMoEMethod._setup_kernel`` runs the experts' own post-load step
+    (``moe_kernel.fused_experts.process_weights_after_loading``: on CPU, pad and prepack) only when
+    the layer has no kernel yet; on a reload (a weight update) it skips it, so the reloaded CPU
+    experts are left unpacked in the packed buffers, or, when padded, their copy back fails on the
+    shape. Clearing the kernel for the reload takes the first-load path (a fresh kernel, then pad
+    and prepack, exactly vLLM's start-up load); a layer the reload did not touch gets its kernel back.
+    """
+    check_version()
+    saved = [(m.quant_method, m.quant_method.moe_kernel) for m in modules if _cpu_experts(m) is not None]
+    for method, _ in saved:
+        method.moe_kernel = None
+    try:
+        yield
+    finally:
+        for method, kernel in saved:
+            if method.moe_kernel is None:
+                method.moe_kernel = kernel
 
 
 def unpack_experts(module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:

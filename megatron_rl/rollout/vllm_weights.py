@@ -248,7 +248,9 @@ class VllmWeights:
         """Load full HF-named tensors through vLLM's layerwise reload (checkpoint format)."""
         if self.dropped:
             raise WeightUpdateError("weights are released on this rank; call engine.resume(['weights']) first")
-        worker.reload_weights(weights_iterator=iter(hf_named_tensors), is_checkpoint_format=True)
+        experts = [self._mods[m] for m in self._expert_slots]
+        with vllm_compat.experts_reload_as_first_load(experts):  # vLLM's reload skips the CPU experts' prepack
+            worker.reload_weights(weights_iterator=iter(hf_named_tensors), is_checkpoint_format=True)
         # vLLM's layerwise reload processes a tied Parameter through one module only (embed_tokens),
         # leaving the lm_head's packed copy stale on CPU: re-pack every embedding-style owner.
         for mods in self._owners.values():

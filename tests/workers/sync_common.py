@@ -81,6 +81,42 @@ def make_engine(path: str, *, tp: int, dummy: bool, run_dir: str):
     return VllmEngine(path, cfg=cfg, topo=rollout_topology(rollout_tp=tp, timeout_s=120), run_dir=run_dir)
 
 
+def close_engine(engine) -> None:
+    """Shut this rank's vLLM engine down and destroy vLLM's model-parallel groups, keeping vLLM's
+    world group and torch's default process group (vLLM's in-process shutdown would destroy both:
+    ``EngineCore.shutdown`` calls ``cleanup_dist_env_and_memory``), so the same processes can start
+    an engine of another TP size."""
+    import gc
+
+    import vllm.v1.engine.core as core  # lazy: vLLM imports slowly
+    from vllm.distributed.parallel_state import destroy_model_parallel  # lazy: as above
+
+    cleanup = core.cleanup_dist_env_and_memory
+    core.cleanup_dist_env_and_memory = lambda *a, **k: destroy_model_parallel()
+    try:
+        engine.llm.llm_engine.engine_core.shutdown()  # InprocClient: EngineCore.shutdown, once
+    finally:
+        core.cleanup_dist_env_and_memory = cleanup
+    engine.weights = engine.worker = engine.llm = None
+    gc.collect()
+
+
+def megatron_coords() -> dict:
+    """This rank's coordinates as megatron-core's own parallel state names them."""
+    from megatron.core import parallel_state as ps
+
+    return dict(tp=ps.get_tensor_model_parallel_world_size(), tp_rank=ps.get_tensor_model_parallel_rank(),
+                pp=ps.get_pipeline_model_parallel_world_size(), pp_rank=ps.get_pipeline_model_parallel_rank(),
+                ep=ps.get_expert_model_parallel_world_size(), ep_rank=ps.get_expert_model_parallel_rank())
+
+
+def vllm_tp_rank() -> dict:
+    """This rank's vLLM tensor-parallel coordinates, from vLLM's own parallel state."""
+    from vllm.distributed import parallel_state as vps  # lazy: vLLM imports slowly
+
+    return dict(tp=vps.get_tensor_model_parallel_world_size(), tp_rank=vps.get_tensor_model_parallel_rank())
+
+
 def unlink_job_shm() -> list:
     """Remove this job's vLLM CPU shared-memory segments (named after MASTER_PORT and the torchrun
     agent's pid by megatron_rl.rollout.vllm_engine); for workers that end with ``os._exit``, which
@@ -146,7 +182,8 @@ def build_megatron(path: str, *, tp: int, pp: int, hf_config, ep: int = 1):
     from megatron_rl.parallel import destroy_distributed, init_distributed
 
     destroy_distributed(keep_process_group=True)
-    parallel = ParallelConfig(tp=tp, pp=pp, ep=ep, timeout_s=120)
+    moe = getattr(hf_config, "num_experts", 0) > 0  # megatron-core: MoE at TP > 1 needs sequence parallelism
+    parallel = ParallelConfig(tp=tp, pp=pp, ep=ep, sequence_parallel=moe and tp > 1, timeout_s=120)
     topo = init_distributed(parallel)
     chunks = build_gpt(hf_config, parallel=parallel, topo=topo)
     load_hf_into(chunks, path, topo=topo, hf_config=hf_config)
