@@ -15,6 +15,8 @@ into vLLM past ``vllm.LLM``'s public API.
   vLLM's own layerwise reload skips that step on a weight update (the layer's experts stay
   unpacked, or the copy back fails when padded): :func:`experts_reload_as_first_load`.
 - :func:`kv_cache_tensors`: where the KV cache lives on a worker.
+- :func:`shutdown_keep_world`: an in-process engine's shutdown that leaves torch's process group
+  (tests start engines of several TP sizes in one launch).
 - :func:`moe_engine_kwargs`: on CUDA, an MoE model's rollout engine pins the Triton experts
   backend (``moe_backend="triton"``), whose runtime format is the checkpoint's stacked
   ``[gate; up]`` / ``down``, so the sync's in-place expert writes are what vLLM would compute
@@ -256,6 +258,23 @@ def moe_engine_kwargs(*, moe: bool, cuda: bool) -> dict:
     experts backend the weight sync writes into in place; on CPU vLLM has one backend (its CPU
     experts, whose prepack the receiver replays), so nothing."""
     return {"moe_backend": SYNC_MOE_BACKEND} if moe and cuda else {}
+
+
+def shutdown_keep_world(llm) -> None:
+    """Shut an in-process (``external_launcher``) engine down, destroying vLLM's model-parallel
+    groups but keeping its world group and torch's default process group, so the same processes
+    can start an engine of another TP size. vLLM's own in-process shutdown destroys both:
+    ``EngineCore.shutdown`` calls ``cleanup_dist_env_and_memory``."""
+    check_version()
+    import vllm.v1.engine.core as core  # lazy: keeps vLLM out of CLI start-up
+    from vllm.distributed.parallel_state import destroy_model_parallel  # lazy: as above
+
+    cleanup = core.cleanup_dist_env_and_memory
+    core.cleanup_dist_env_and_memory = lambda *a, **k: destroy_model_parallel()
+    try:
+        llm.llm_engine.engine_core.shutdown()  # InprocClient: EngineCore.shutdown, once
+    finally:
+        core.cleanup_dist_env_and_memory = cleanup
 
 
 def kv_cache_tensors(worker) -> list:

@@ -82,21 +82,13 @@ def make_engine(path: str, *, tp: int, dummy: bool, run_dir: str):
 
 
 def close_engine(engine) -> None:
-    """Shut this rank's vLLM engine down and destroy vLLM's model-parallel groups, keeping vLLM's
-    world group and torch's default process group (vLLM's in-process shutdown would destroy both:
-    ``EngineCore.shutdown`` calls ``cleanup_dist_env_and_memory``), so the same processes can start
-    an engine of another TP size."""
+    """Shut this rank's vLLM engine down, keeping torch's default process group
+    (``vllm_compat.shutdown_keep_world``), so the same processes can start an engine of another TP size."""
     import gc
 
-    import vllm.v1.engine.core as core  # lazy: vLLM imports slowly
-    from vllm.distributed.parallel_state import destroy_model_parallel  # lazy: as above
+    from megatron_rl.compat import vllm_compat
 
-    cleanup = core.cleanup_dist_env_and_memory
-    core.cleanup_dist_env_and_memory = lambda *a, **k: destroy_model_parallel()
-    try:
-        engine.llm.llm_engine.engine_core.shutdown()  # InprocClient: EngineCore.shutdown, once
-    finally:
-        core.cleanup_dist_env_and_memory = cleanup
+    vllm_compat.shutdown_keep_world(engine.llm)
     engine.weights = engine.worker = engine.llm = None
     gc.collect()
 
