@@ -7,7 +7,7 @@ replay wrapper on megatron's own ``RouterReplay``, and the config refusals.
 
 One 4-process launch (``tests/workers/route_replay.py``): vLLM's captured routes equal HF
 transformers' top-k (an independent reference) on every decision, prefix-cached prompts
-included; training at TP2 x EP2 with sequence parallelism, and at PP2 x EP2, replays them.
+included; training at TP2 x EP2 with sequence parallelism, at PP2 x EP2 and at CP2 x EP2 replays them.
 """
 import os
 
@@ -205,11 +205,11 @@ def test_vllm_routes_equal_hf_topk_prefix_cache_included(launch):
 
 
 @pytest.mark.multirank
-@pytest.mark.parametrize("layout", ["tp2_ep2_sp", "pp2_ep2"])
+@pytest.mark.parametrize("layout", ["tp2_ep2_sp", "pp2_ep2", "cp2_ep2"])
 def test_training_replays_routes(launch, layout):
     res = launch[0]
     t, plens, rlens = res["train"][layout], res["prompt_lens"], res["response_lens"]
-    dp, layers = 2, 2  # both layouts: DP2; every DP replica forwards every group
+    dp, layers = 2, 2  # every layout: DP2; every DP replica forwards every group (CP ranks split its rows)
     decisions = dp * layers * (sum(plens) + sum(rlens) - len(rlens))  # final tokens never routed
     for name in ("off", "replay_vllm", "replay_hf", "replay_shifted"):
         assert t[name]["decisions"] == decisions, (name, t[name]["decisions"], decisions)

@@ -8,8 +8,8 @@
    with ``output_router_logits=True``: its top-k expert set per (token, layer). Rank 0 reports the
    decisions where vLLM's captured routes differ from it (the final token, never routed, aside),
    and, as a negative control, the same comparison against HF's *other* layer.
-3. Training at TP2 x EP2 with sequence parallelism, and at PP2 x EP2 (each stage replays its own
-   layers), with ``TrainEngine(routes="replay")`` on the shared-prefix packed groups: log-probs and the route-mismatch counts with replay off (the
+3. Training at TP2 x EP2 with sequence parallelism, at PP2 x EP2 (each stage replays its own
+   layers) and at CP2 x EP2 (each CP rank replays the rows of its chunks), with ``TrainEngine(routes="replay")`` on the shared-prefix packed groups: log-probs and the route-mismatch counts with replay off (the
    routers' own top-k, counted against vLLM's routes), replaying vLLM's routes, replaying HF's
    routes, and replaying HF's routes with layer 1's response routes shifted to other experts
    (the negative control). Then one optimizer step (lr 0) without and with replay of HF's routes:
@@ -104,7 +104,7 @@ def forward(eng, groups: list, *, replay: bool) -> dict:
     from megatron_rl.parallel import collectives as coll
 
     eng.routing.replay, eng.routing.counting = replay, True
-    metrics = eng.forward(make_batches(groups, max_tokens=4096, pad_multiple=2), forward_fn=make_forward_fn(pg_loss))
+    metrics = eng.forward(make_batches(groups, max_tokens=4096, pad_multiple=2, cp_size=eng.topo.grid.cp), forward_fn=make_forward_fn(pg_loss))
     eng.routing.counting = False
     counts, _ = coll.sum_max(list(eng.routing.take_counts()), [])
     mine = collect_logprobs(metrics) if eng.topo.is_last_stage else {}
@@ -127,7 +127,8 @@ def shifted(routes: list, prompts: list) -> list:
 
 
 LAYOUTS = {"tp2_ep2_sp": ["parallel.tp=2", "parallel.ep=2", "parallel.sequence_parallel=true"],
-           "pp2_ep2": ["parallel.pp=2", "parallel.ep=2"]}
+           "pp2_ep2": ["parallel.pp=2", "parallel.ep=2"],
+           "cp2_ep2": ["parallel.cp=2", "parallel.ep=2"]}  # CP chunks: each rank replays its own rows
 
 
 def train(path: str, prompts: list, gens: list, hf: list, *, layout: str) -> dict:
@@ -155,7 +156,7 @@ def train(path: str, prompts: list, gens: list, hf: list, *, layout: str) -> dic
     steps = {}
     for name, replay in (("off", False), ("replay_hf", True)):
         eng.routing.replay = replay
-        steps[name] = eng.step(make_batches(hf_groups, max_tokens=4096, pad_multiple=2),
+        steps[name] = eng.step(make_batches(hf_groups, max_tokens=4096, pad_multiple=2, cp_size=eng.topo.grid.cp),
                                forward_fn=make_forward_fn(pg_loss))
     out["steps"] = {k: {"loss": v["loss"], "grad_norm": v["grad_norm"]} for k, v in steps.items()}
     destroy_distributed(keep_process_group=True)
