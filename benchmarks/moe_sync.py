@@ -17,16 +17,14 @@ shards are benchmarks/weight_sync.py's.
 
 Prints per-phase lines, then one JSON line (see KEYS).
 """
-import argparse
 import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from weight_sync import REPO, TimedEngine, run_workers, unfuse  # noqa: E402
+from weight_sync import TimedEngine, bench_main, unfuse  # noqa: E402
 
 KEYS = ["bench", "layout", "model_bytes", "bytes_moved", "lower_bound", "bytes_ratio_to_lower_bound",
         "baseline_bytes_moved", "baseline_s", "ours_s", "ratio", "weights_equal"]
@@ -196,28 +194,6 @@ def report(out_dir: str, quick: bool) -> dict:
     return out
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--model-dir", help=argparse.SUPPRESS)
-    ap.add_argument("--out", help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.worker:
-        return worker(args)
-    run_dir = os.path.join(REPO, "runs", "sync", "bench")
-    os.makedirs(run_dir, exist_ok=True)
-    size = SIZES["quick" if args.quick else "full"]
-    model_dir = make_model_dir(os.path.join(run_dir, "moe-quick" if args.quick else "moe-full"), size)
-    out = tempfile.mkdtemp(prefix="moe-", dir=run_dir)
-    rc = run_workers(os.path.abspath(__file__), ["--model-dir", model_dir, "--out", out] + (["--quick"] if args.quick else []),
-                     nproc=4, out=out)
-    if rc:
-        return rc
-    result = report(out, args.quick)
-    print(json.dumps(result))
-    return 0 if result["weights_equal"] else 1
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(bench_main(os.path.abspath(__file__), doc=__doc__, worker=worker, make_model_dir=make_model_dir,
+                        report=report, sizes=SIZES, model_name="moe", ok=lambda result: result["weights_equal"]))

@@ -239,8 +239,12 @@ def run_workers(script: str, worker_args: list, *, nproc: int, out: str) -> int:
     return proc.returncode
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def bench_main(script: str, *, doc: str, worker, make_model_dir, report, sizes: dict, model_name: str,
+               ok=lambda result: True) -> int:
+    """The command line every sync benchmark shares: ``--quick``; the hidden ``--worker`` re-entry
+    under torchrun; a model built once per size under runs/sync/bench/<model_name>-<size>; 4 ranks;
+    then rank results -> ``report`` -> one JSON line. Exit 1 when ``ok(result)`` is false."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -250,16 +254,18 @@ def main():
         return worker(args)
     run_dir = os.path.join(REPO, "runs", "sync", "bench")
     os.makedirs(run_dir, exist_ok=True)
-    size = SIZES["quick" if args.quick else "full"]
-    model_dir = make_model_dir(os.path.join(run_dir, "model-quick" if args.quick else "model-full"), size)
-    out = tempfile.mkdtemp(prefix="ws-", dir=run_dir)
-    rc = run_workers(os.path.abspath(__file__), ["--model-dir", model_dir, "--out", out] + (["--quick"] if args.quick else []),
+    size = "quick" if args.quick else "full"
+    model_dir = make_model_dir(os.path.join(run_dir, f"{model_name}-{size}"), sizes[size])
+    out = tempfile.mkdtemp(prefix=f"{model_name}-", dir=run_dir)
+    rc = run_workers(script, ["--model-dir", model_dir, "--out", out] + (["--quick"] if args.quick else []),
                      nproc=4, out=out)
     if rc:
         return rc
-    print(json.dumps(report(out, args.quick)))
-    return 0
+    result = report(out, args.quick)
+    print(json.dumps(result))
+    return 0 if ok(result) else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(bench_main(os.path.abspath(__file__), doc=__doc__, worker=worker, make_model_dir=make_model_dir,
+                        report=report, sizes=SIZES, model_name="model"))
