@@ -132,11 +132,13 @@ class RouteControl:
         if want.shape != own.shape:
             raise RouteReplayError(f"layer {layer}: the router saw {tuple(own.shape)} top-k ids but the routes give "
                                    f"{tuple(want.shape)}; the routes are not laid out as this rank's tokens")
-        differ = (own.sort(dim=-1).values != want.sort(dim=-1).values).any(dim=-1).cpu() & self.counted
-        self._counts += torch.tensor([float(differ.sum()), float(self.counted.sum())], dtype=torch.float64)
+        counted = self.counted.to(own.device)
+        differ = (own.sort(dim=-1).values != want.sort(dim=-1).values).any(dim=-1) & counted
+        # summed on the router's device: no host sync per layer (take_counts reads them once)
+        self._counts = self._counts.to(own.device) + torch.stack([differ.sum(), counted.sum()]).double()
 
     def take_counts(self) -> tuple[float, float]:
         """``(mismatched decisions, decisions)`` counted on this rank since the last call."""
         out = tuple(self._counts.tolist())
-        self._counts.zero_()
+        self._counts = torch.zeros(2, dtype=torch.float64)
         return out
